@@ -1,0 +1,3 @@
+from moemerge.cli import main
+
+raise SystemExit(main())

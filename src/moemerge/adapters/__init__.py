@@ -1,0 +1,35 @@
+"""Model families moemerge supports, found by ``config.model_type``. A new family is one small file."""
+
+from __future__ import annotations
+
+from moemerge.adapters.base import MoEFamily, MoELayerView, RoutingRule
+from moemerge.adapters.deepseek_v3 import DeepseekV3Family
+from moemerge.adapters.mixtral import MixtralFamily
+from moemerge.adapters.olmoe import OlmoeFamily
+from moemerge.adapters.qwen2_moe import Qwen2MoeFamily
+from moemerge.adapters.qwen3_moe import Qwen3MoeFamily
+from moemerge.errors import MoemergeError
+
+FAMILIES: dict[str, MoEFamily] = {
+    f.model_type: f for f in (MixtralFamily(), Qwen2MoeFamily(), Qwen3MoeFamily(), OlmoeFamily(), DeepseekV3Family())
+}
+
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def family_for(config: dict) -> MoEFamily:
+    """The adapter for a model's ``config.json`` contents; a clear error for dense or unknown models."""
+    model_type = config.get("model_type")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if any(config.get(key) for key in _EXPERT_COUNT_KEYS):
+        raise MoemergeError(
+            f"model family {model_type!r} is not supported; supported Mixture-of-Experts families: {', '.join(FAMILIES)}"
+        )
+    raise MoemergeError(
+        f"{model_type!r} is a dense model (its config names no experts): nothing to reduce; "
+        f"moemerge works on Mixture-of-Experts models ({', '.join(FAMILIES)})"
+    )
+
+
+__all__ = ["FAMILIES", "MoEFamily", "MoELayerView", "RoutingRule", "family_for"]

@@ -1,0 +1,164 @@
+"""The canonical view of an MoE layer, and the base class of the per-family adapters.
+
+Methods see only :class:`MoELayerView` tensors (router rows, experts as gate / up / down);
+everything a model family does differently lives in its adapter file. transformers >= 5
+holds the experts of one layer fused: ``experts.gate_up_proj`` [n, 2I, H] (gate rows first,
+then up rows) and ``experts.down_proj`` [n, H, I]; the router is ``block.gate`` with a
+``weight`` [n, H] and, for DeepSeek-V3, a selection-only ``e_score_correction_bias`` [n].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moemerge.errors import MoemergeError
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """How a layer's router picks experts (read from the config; applied by the model's own code).
+
+    scoring: "softmax" or "sigmoid" over the router logits.
+    n_group / topk_group: group-limited routing (DeepSeek-V3): experts are split into
+    ``n_group`` contiguous routing groups and only the best ``topk_group`` groups compete.
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+
+
+class MoELayerView:
+    """One MoE layer of a loaded model, seen the same way for every family.
+
+    Reading returns the live tensors (no copies); :meth:`set_experts` and :meth:`set_router`
+    replace them, changing the number of experts of this layer.
+    """
+
+    def __init__(self, layer: int, block: nn.Module, routing: RoutingRule):
+        self.layer = layer
+        self.block = block
+        self.routing = routing
+        n, two_i, hidden = block.experts.gate_up_proj.shape
+        if block.experts.down_proj.shape != (n, hidden, two_i // 2):
+            raise MoemergeError(
+                f"layer {layer}: unexpected expert layout gate_up_proj {tuple(block.experts.gate_up_proj.shape)}, "
+                f"down_proj {tuple(block.experts.down_proj.shape)}; moemerge expects [n, 2I, H] and [n, H, I]"
+            )
+
+    @property
+    def num_experts(self) -> int:
+        return self.block.experts.gate_up_proj.shape[0]
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return hasattr(self.block, "shared_expert") or hasattr(self.block, "shared_experts")
+
+    @property
+    def act_fn(self) -> nn.Module:
+        return self.block.experts.act_fn
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        """[n, H] router rows."""
+        return self.block.gate.weight
+
+    @property
+    def selection_bias(self) -> torch.Tensor | None:
+        """[n] bias added to the scores for top-k selection only (DeepSeek-V3), else None."""
+        return getattr(self.block.gate, "e_score_correction_bias", None)
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [n, I, H], up [n, I, H], down [n, H, I]) as views of the fused tensors."""
+        gate, up = self.block.experts.gate_up_proj.chunk(2, dim=1)
+        return gate, up, self.block.experts.down_proj
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-k expert indices [T, k] for hidden states ``x`` [T, H], by the model's own router."""
+        _, _, indices = self.block.gate(x)
+        return indices
+
+    def set_experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Replace the experts by ``gate``/``up`` [r, I, H] and ``down`` [r, H, I]."""
+        experts = self.block.experts
+        like = experts.gate_up_proj
+        experts.gate_up_proj = nn.Parameter(torch.cat([gate, up], dim=1).to(like), requires_grad=False)
+        experts.down_proj = nn.Parameter(down.to(like), requires_grad=False)
+        experts.num_experts = gate.shape[0]
+
+    def set_router(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Give the router ``weight`` [m, H] rows (and selection ``bias`` [m] where it has one)."""
+        set_router_rows(self.block.gate, weight, bias)
+
+
+def set_router_rows(gate: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int | None = None) -> None:
+    """Resize a transformers router module in place to m = ``weight.shape[0]`` experts.
+
+    Its top-k becomes ``top_k`` if given, else stays as it was but never above m.
+    """
+    gate.weight = nn.Parameter(weight.to(gate.weight), requires_grad=False)
+    gate.num_experts = weight.shape[0]
+    gate.top_k = top_k if top_k is not None else min(gate.top_k, weight.shape[0])
+    if hasattr(gate, "e_score_correction_bias"):
+        if bias is None:
+            raise ValueError("this router needs a selection bias")
+        gate.e_score_correction_bias = bias.to(gate.e_score_correction_bias)
+
+
+class MoEFamily:
+    """What moemerge knows about one model family. Subclasses set the class attributes.
+
+    model_type: ``config.model_type`` of the family.
+    expert_count_field: the config field holding the number of routed experts per layer.
+    """
+
+    model_type: str = ""
+    expert_count_field: str = ""
+
+    def routing_rule(self, config) -> RoutingRule:
+        return RoutingRule(top_k=config.num_experts_per_tok)
+
+    def num_experts(self, config) -> int:
+        return getattr(config, self.expert_count_field)
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayerView]:
+        """Views of the MoE layers of a ``*ForCausalLM`` model, in depth order (dense layers skipped)."""
+        rule = self.routing_rule(model.config)
+        return [
+            MoELayerView(i, layer.mlp, rule)
+            for i, layer in enumerate(model.model.layers)
+            if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+        ]
+
+    def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:
+        """Blocks of expert ids that a standard r-expert router needs kept apart, each with its share of r.
+
+        A group never mixes experts of two blocks. Raises MoemergeError when no valid r-expert
+        router exists; ``check_top_k=False`` allows r below top-k (grouped routing keeps the
+        original router, so it still picks top-k distinct originals). The base family has one
+        block: all experts.
+        """
+        n, k = self.num_experts(config), self.routing_rule(config).top_k
+        if check_top_k and r < k:
+            raise MoemergeError(
+                f"--experts {r} is below the model's top-k ({k}): a standard router must pick {k} distinct "
+                f"experts per token; use --experts >= {k}, or --router grouped (which keeps the original router)"
+            )
+        return [(list(range(n)), r)]
+
+    def set_num_experts(self, model: nn.Module, r: int) -> None:
+        """Record r experts per layer in the config (and the model's own copies of the counts).
+
+        A top-k above r (possible with grouped routing) becomes r in the config, so that the
+        checkpoint still loads and runs as a standard model.
+        """
+        setattr(model.config, self.expert_count_field, r)
+        model.config.num_experts_per_tok = min(model.config.num_experts_per_tok, r)
+        if hasattr(model, "num_experts"):
+            model.num_experts = r
+        if hasattr(model, "num_experts_per_tok"):
+            model.num_experts_per_tok = model.config.num_experts_per_tok

@@ -1,0 +1,39 @@
+"""DeepSeek-V3: sigmoid scores, selection-only ``e_score_correction_bias``, group-limited top-k,
+``routed_scaling_factor``, shared experts, and the first ``first_k_dense_replace`` layers dense.
+
+Group-limited routing splits the n experts into ``n_group`` contiguous blocks, scores each block
+by the sum of its two best scores, keeps the best ``topk_group`` blocks and picks top-k inside
+them. A reduced router stays valid when every block keeps the same number of experts (at least
+two) and no merged expert mixes blocks, so :meth:`partitions` makes each block its own
+clustering problem; r must then be a multiple of ``n_group``.
+"""
+
+from moemerge.adapters.base import MoEFamily, RoutingRule
+from moemerge.errors import MoemergeError
+
+
+class DeepseekV3Family(MoEFamily):
+    model_type = "deepseek_v3"
+    expert_count_field = "n_routed_experts"
+
+    def routing_rule(self, config) -> RoutingRule:
+        return RoutingRule(
+            top_k=config.num_experts_per_tok, scoring="sigmoid", n_group=config.n_group, topk_group=config.topk_group
+        )
+
+    def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:
+        blocks = super().partitions(config, r, check_top_k)
+        rule = self.routing_rule(config)
+        if rule.n_group == 1:
+            return blocks
+        n = self.num_experts(config)
+        per_block, rest = divmod(r, rule.n_group)
+        if rest or per_block < 2 or (check_top_k and rule.topk_group * per_block < rule.top_k):
+            valid = [m * rule.n_group for m in range(2, n // rule.n_group) if rule.topk_group * m >= rule.top_k]
+            raise MoemergeError(
+                f"--experts {r} breaks DeepSeek group-limited routing (n_group={rule.n_group}, "
+                f"topk_group={rule.topk_group}, top-k={rule.top_k}): each routing group must keep the same number "
+                f"(>= 2) of experts; use --experts in {valid}, or --router grouped"
+            )
+        size = n // rule.n_group
+        return [(list(range(g * size, (g + 1) * size)), per_block) for g in range(rule.n_group)]

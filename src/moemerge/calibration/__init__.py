@@ -1,0 +1,5 @@
+"""Calibration data: a ``--calib`` spec turned into token sequences."""
+
+from moemerge.calibration.data import CalibrationSet, load_calibration
+
+__all__ = ["CalibrationSet", "load_calibration"]

@@ -1,0 +1,155 @@
+"""Turn a ``--calib`` spec into a deterministic list of token sequences.
+
+Specs:
+- ``None``: the bundled offline corpus (two of Jane Austen's novels, ``default_corpus.txt.gz``);
+- ``PATH.txt``: plain text;
+- ``PATH.jsonl`` whose rows have ``text``: documents;
+- ``PATH.jsonl`` whose rows have ``input_ids``: token rows, used as given in file order
+  (the first ``samples`` rows, each cut to ``seq_len`` tokens);
+- ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face data set's ``text`` column (needs the hub and
+  the ``datasets`` package).
+
+Text is tokenised document by document, joined with the end-of-text token into one stream, and
+``samples`` non-overlapping windows of ``seq_len`` tokens are drawn from it with ``seed``, as
+the paper draws random 2048-token windows of C4.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from moemerge.errors import MoemergeError
+
+
+@dataclass
+class CalibrationSet:
+    """Token sequences (each a 1-D int64 tensor) and the spec they came from."""
+
+    spec: str
+    sequences: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def sha256(self) -> str:
+        """Hash of the tokens (int64 little-endian, sequence lengths included)."""
+        h = hashlib.sha256()
+        for s in self.sequences:
+            h.update(len(s).to_bytes(8, "little"))
+            h.update(s.to(torch.int64).numpy().astype("<i8").tobytes())
+        return h.hexdigest()
+
+
+def load_calibration(
+    spec: str | None, tokenizer, samples: int = 32, seq_len: int = 2048, seed: int = 0
+) -> CalibrationSet:
+    """Read ``spec`` (see the module docstring) into ``samples`` sequences of at most ``seq_len`` tokens."""
+    if samples < 1 or seq_len < 1:
+        raise MoemergeError(f"--calib-samples ({samples}) and --calib-seq-len ({seq_len}) must be at least 1")
+    name = spec or "default corpus"
+    if spec is None:
+        with resources.files(__package__).joinpath("default_corpus.txt.gz").open("rb") as f:
+            documents = [gzip.decompress(f.read()).decode("utf-8")]
+    elif spec.startswith("hf:"):
+        documents = _hub_documents(spec, min_chars=8 * samples * seq_len)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise MoemergeError(f"calibration file {spec} does not exist; pass a .txt or .jsonl file, or hf:NAME")
+        if path.suffix == ".txt":
+            documents = [path.read_text(encoding="utf-8", errors="replace")]
+        elif path.suffix == ".jsonl":
+            rows = _read_jsonl(path)
+            if all("input_ids" in row for row in rows):
+                return CalibrationSet(name, _token_rows(path, rows, samples, seq_len))
+            if not all(isinstance(row.get("text"), str) for row in rows):
+                raise MoemergeError(f"{spec}: every row must have a 'text' string, or every row 'input_ids'")
+            documents = [row["text"] for row in rows]
+        else:
+            raise MoemergeError(f"calibration file {spec} must end in .txt or .jsonl")
+    if tokenizer is None:
+        raise MoemergeError(f"the model has no tokenizer to read {name}; pass --calib with an input_ids .jsonl")
+    return CalibrationSet(name, _windows(name, _token_stream(documents, tokenizer), samples, seq_len, seed))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MoemergeError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise MoemergeError(f"{path}:{number}: expected a JSON object with 'text' or 'input_ids'")
+        rows.append(row)
+    if not rows:
+        raise MoemergeError(f"calibration file {path} is empty; give it text or input_ids rows")
+    return rows
+
+
+def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int) -> list[torch.Tensor]:
+    if len(rows) < samples:
+        raise MoemergeError(
+            f"{path} has {len(rows)} input_ids rows but --calib-samples is {samples}; add rows or lower --calib-samples"
+        )
+    sequences = []
+    for number, row in enumerate(rows[:samples], start=1):
+        ids = row["input_ids"]
+        if not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise MoemergeError(f"{path}: row {number}: input_ids must be a non-empty list of token ids")
+        sequences.append(torch.tensor(ids[:seq_len], dtype=torch.int64))
+    return sequences
+
+
+def _token_stream(documents: list[str], tokenizer) -> torch.Tensor:
+    """[L] token ids of all documents, separated by the end-of-text token where there is one."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for doc in documents:
+        if doc.strip():
+            ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + eos
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def _windows(name: str, stream: torch.Tensor, samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+    available = len(stream) // seq_len
+    if available < samples:
+        raise MoemergeError(
+            f"calibration text {name} has {len(stream)} tokens, fewer than --calib-samples {samples} x "
+            f"--calib-seq-len {seq_len}; give more text or lower those numbers"
+        )
+    starts = sorted(random.Random(seed).sample(range(available), samples))
+    return [stream[i * seq_len : (i + 1) * seq_len].clone() for i in starts]
+
+
+def _hub_documents(spec: str, min_chars: int) -> list[str]:
+    """The first documents of a hub data set, until they hold ``min_chars`` characters (~2x the tokens needed)."""
+    parts = spec[3:].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise MoemergeError(f"bad calibration spec {spec!r}; use hf:NAME[:CONFIG[:SPLIT]]")
+    name, config, split = parts[0], (parts[1:2] or [None])[0], (parts[2:3] or ["train"])[0]
+    try:
+        import datasets
+    except ImportError:
+        raise MoemergeError("hf: calibration specs need the datasets package: pip install datasets") from None
+    try:
+        documents, chars = [], 0
+        for row in datasets.load_dataset(name, config or None, split=split, streaming=True):
+            documents.append(row["text"])
+            chars += len(row["text"])
+            if chars >= min_chars:
+                break
+        return documents
+    except Exception as err:  # the hub is unreachable or the set has no text column
+        raise MoemergeError(f"could not read {spec} from the Hugging Face hub ({type(err).__name__}: {err})") from None

@@ -1,0 +1,36 @@
+"""Load a moemerge output: a plain transformers model, with the original routers put back for ``grouped``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from moemerge.checkpoint.source import SIDECAR, inspect_source, load_source
+from moemerge.routing.grouped import install_grouped_routers
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
+    """Load a reduced model (or any supported model) from ``path`` in eval mode.
+
+    For ``--router grouped`` outputs, each MoE layer gets back its original n-way router, and a
+    token routed to any member of a group goes to the group's merged expert. Other outputs
+    are exactly what ``AutoModelForCausalLM.from_pretrained(path)`` gives.
+    """
+    source = inspect_source(path)
+    model, _ = load_source(source, dtype=dtype, device=device)
+    meta_file = source.path / "moemerge.json"
+    if not meta_file.is_file():
+        return model
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta["router"] == "grouped":
+        tensors = load_file(source.path / SIDECAR)
+        layers = [entry["layer"] for entry in meta["layers"]]
+        routers = {
+            layer: (tensors[f"layers.{layer}.weight"], tensors.get(f"layers.{layer}.e_score_correction_bias"))
+            for layer in layers
+        }
+        groups = {entry["layer"]: entry["groups"] for entry in meta["layers"]}
+        install_grouped_routers(source.family.moe_layers(model), routers, groups, meta["source"]["top_k"])
+    return model

@@ -1,0 +1,92 @@
+"""Write a reduced model as a standard transformers checkpoint, atomically.
+
+The output is built in a hidden temporary directory beside the target and renamed into place
+only when complete, so a failed run leaves nothing behind and never half-replaces an old output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moemerge.checkpoint.source import SIDECAR
+from moemerge.errors import MoemergeError
+
+MAX_SHARD_SIZE = "2GB"
+COPIED_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+    "generation_config.json",
+)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail early if ``out`` exists and may not be replaced."""
+    if out.exists() and not force:
+        raise MoemergeError(f"output directory {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise MoemergeError(f"output path {out} is a file, not a directory; choose another --out")
+
+
+@contextmanager
+def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` when the block finishes without error."""
+    out = Path(out).absolute()
+    check_output(out, force)
+    anchor = out.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=anchor))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_checkpoint(
+    model: torch.nn.Module,
+    source_dir: Path,
+    out_dir: Path,
+    metadata: dict,
+    sidecar: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Save ``model`` (sharded above 2 GB), the source's tokenizer and generation files, ``moemerge.json``,
+    and, for grouped routing, the original routers in ``moemerge_router.safetensors``."""
+    model.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
+    for pattern in COPIED_FILES:
+        for file in sorted(source_dir.glob(pattern)):
+            if file.is_file():
+                shutil.copyfile(file, out_dir / file.name)
+    if sidecar:
+        save_file({k: v.contiguous().cpu() for k, v in sidecar.items()}, out_dir / SIDECAR)
+    (out_dir / "moemerge.json").write_text(format_metadata(metadata), encoding="utf-8")
+
+
+def format_metadata(metadata: dict) -> str:
+    """JSON with two-space indents, except that each entry of ``layers`` stays on one line."""
+    layers = metadata.get("layers", [])
+    text = json.dumps({**metadata, "layers": []}, indent=2)
+    if not layers:
+        return text + "\n"
+    rows = ",\n".join("    " + json.dumps(entry) for entry in layers)
+    return text.replace('"layers": []', '"layers": [\n' + rows + "\n  ]") + "\n"

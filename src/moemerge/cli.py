@@ -1,0 +1,112 @@
+"""The ``moemerge`` command line: a thin layer over :mod:`moemerge.pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moemerge.errors import MoemergeError
+from moemerge.grouping import LINKAGES
+from moemerge.registry import names
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one ``error: ...`` line with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import moemerge  # noqa: F401  (registers the methods, so that their names are the choices)
+
+    parser = _Parser(
+        prog="moemerge", description="Reduce the experts of a Mixture-of-Experts model without retraining."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = commands.add_parser("reduce", help="merge each MoE layer's experts into fewer and write a checkpoint")
+    p.add_argument("model", help="local model directory (config.json and *.safetensors)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--experts", type=int, metavar="R", help="experts to keep per MoE layer")
+    size.add_argument("--ratio", type=float, metavar="F", help="fraction of experts to keep per MoE layer")
+    p.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
+    p.add_argument("--method", default="hc-smoe", choices=names("method"))
+    p.add_argument("--linkage", default="average", choices=LINKAGES, help="hierarchical clustering linkage")
+    p.add_argument("--merge", default="frequency", choices=names("merge"), help="how a group's weights are averaged")
+    p.add_argument(
+        "--router",
+        default="reduce",
+        choices=["reduce", "grouped"],
+        help="reduce: standard checkpoint with an r-row router; grouped: keep the original router (load with moemerge.load_model)",
+    )
+    p.add_argument(
+        "--router-rows", default="frequency", choices=names("router-rows"), help="how reduced router rows are built"
+    )
+    p.add_argument(
+        "--calib",
+        metavar="SPEC",
+        help="a .txt, a .jsonl (text or input_ids rows) or hf:NAME[:CONFIG[:SPLIT]]; default: bundled corpus",
+    )
+    p.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration sequences (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=2048, metavar="L", help="tokens per sequence (default 2048)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    return parser
+
+
+def _reduce(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from moemerge.pipeline import reduce
+
+    if args.quiet:
+        hf_logging.disable_progress_bar()
+    result = reduce(
+        args.model,
+        args.out,
+        experts=args.experts,
+        ratio=args.ratio,
+        method=args.method,
+        linkage=args.linkage,
+        merge=args.merge,
+        router=args.router,
+        router_rows=args.router_rows,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
+    if args.quiet:
+        return
+    print(f"wrote {result.out}: {result.num_experts} -> {result.experts} experts in {len(result.groups)} MoE layers")
+    print(
+        f"parameters: {result.params_before:,} -> {result.params_after:,} ({_change(result.params_before, result.params_after)})"
+    )
+    print(
+        f"weights on disk: {result.bytes_before:,} -> {result.bytes_after:,} bytes ({_change(result.bytes_before, result.bytes_after)})"
+    )
+    print(f"calibration: {result.calibration_tokens:,} tokens; took {result.seconds:.1f} s")
+
+
+def _change(before: int, after: int) -> str:
+    return f"{100 * (after - before) / before:+.1f} %"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "reduce":
+            _reduce(args)
+    except MoemergeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,225 @@
+"""``reduce``: the whole HC-SMoE pipeline, calibration -> statistics -> grouping -> merging -> routing -> checkpoint.
+
+The steps are public functions too (:func:`plan_groups`, :func:`apply_groups`) so that a loaded
+model can be reduced in memory, e.g. in tests.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from moemerge.adapters import MoEFamily
+from moemerge.calibration import load_calibration
+from moemerge.checkpoint import atomic_output, inspect_source, load_source, write_checkpoint
+from moemerge.checkpoint.source import resolve_device, resolve_dtype
+from moemerge.checkpoint.writer import check_output
+from moemerge.errors import MoemergeError
+from moemerge.grouping import LINKAGES
+from moemerge.merging import member_weights, merge_experts
+from moemerge.registry import resolve
+from moemerge.routing import router_rows
+from moemerge.statistics import LayerStatistics, collect_statistics
+
+ROUTER_MODES = ("reduce", "grouped")
+ROUTER_SAMPLE_TOKENS = 8192
+
+
+@dataclass
+class ReduceResult:
+    """What :func:`reduce` did: where, which groups per decoder layer, and the size change."""
+
+    out: Path
+    groups: dict[int, list[list[int]]]
+    num_experts: int
+    experts: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    calibration_tokens: int
+    seconds: float
+
+
+def target_experts(n: int, experts: int | None, ratio: float | None) -> int:
+    """r from ``--experts R`` or ``--ratio F`` (fraction kept, rounded); 1 <= r < n."""
+    if (experts is None) == (ratio is None):
+        raise MoemergeError("give exactly one of --experts R or --ratio F")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise MoemergeError(f"--ratio {ratio} must be a fraction of experts kept, between 0 and 1")
+        experts = max(1, round(ratio * n))
+    if experts < 1:
+        raise MoemergeError(f"--experts {experts} must be at least 1")
+    if experts >= n:
+        raise MoemergeError(f"--experts {experts} must be below the model's {n} experts per layer: nothing to reduce")
+    return experts
+
+
+def plan_groups(
+    stats: dict[int, LayerStatistics],
+    family: MoEFamily,
+    config,
+    r: int,
+    method: str = "hc-smoe",
+    linkage: str = "average",
+    router: str = "reduce",
+) -> dict[int, list[list[int]]]:
+    """Groups of original expert ids per decoder layer, r per layer, by the method named ``method``."""
+    choose = resolve("method", method)
+    blocks = family.partitions(config, r, check_top_k=router == "reduce")
+    plan = {}
+    for layer, layer_stats in stats.items():
+        plan[layer] = sorted(g for ids, share in blocks for g in choose(layer_stats, ids, share, linkage=linkage))
+    return plan
+
+
+@torch.no_grad()
+def apply_groups(
+    model: torch.nn.Module,
+    family: MoEFamily,
+    stats: dict[int, LayerStatistics],
+    groups: dict[int, list[list[int]]],
+    merge: str = "frequency",
+    router_rows_rule: str = "frequency",
+) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router.
+
+    Returns the original routers, per decoder layer (weight [n, H], selection bias [n] or None),
+    which grouped routing keeps.
+    """
+    originals = {}
+    for view in family.moe_layers(model):
+        layer_groups, layer_stats = groups[view.layer], stats[view.layer]
+        bias = view.selection_bias
+        originals[view.layer] = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
+        merged = merge_experts(view.expert_weights(), layer_groups, member_weights(merge, layer_stats, layer_groups))
+        weight, new_bias = router_rows(router_rows_rule, view.router_weight, bias, layer_groups, layer_stats)
+        view.set_experts(*merged)
+        view.set_router(weight, new_bias)
+    family.set_num_experts(model, len(next(iter(groups.values()))))
+    return originals
+
+
+def reduce(
+    model: str | Path,
+    out: str | Path,
+    *,
+    experts: int | None = None,
+    ratio: float | None = None,
+    method: str = "hc-smoe",
+    linkage: str = "average",
+    merge: str = "frequency",
+    router: str = "reduce",
+    router_rows: str = "frequency",
+    calib: str | None = None,
+    calib_samples: int = 32,
+    calib_seq_len: int = 2048,
+    device: str = "cpu",
+    dtype: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> ReduceResult:
+    """Reduce every MoE layer of the model in directory ``model`` to r experts and write it to ``out``.
+
+    Give ``experts`` (r) or ``ratio`` (fraction kept). See ``moemerge reduce --help`` for the
+    options; all input is checked before any work, and ``out`` appears only when complete.
+    """
+    start = time.perf_counter()
+    for kind, name in (("method", method), ("merge", merge), ("router-rows", router_rows)):
+        resolve(kind, name)
+    if linkage not in LINKAGES:
+        raise MoemergeError(f"unknown linkage {linkage!r}; choose one of: {', '.join(LINKAGES)}")
+    if router not in ROUTER_MODES:
+        raise MoemergeError(f"unknown router mode {router!r}; choose one of: {', '.join(ROUTER_MODES)}")
+    resolve_dtype(dtype)
+    resolve_device(device)
+    out = Path(out)
+    check_output(out, force)
+    source = inspect_source(model, allow_pickle=allow_pickle)
+    config = AutoConfig.from_pretrained(source.path)
+    n = source.family.num_experts(config)
+    r = target_experts(n, experts, ratio)
+    source.family.partitions(config, r, check_top_k=router == "reduce")
+
+    loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed)
+    layers = source.family.moe_layers(loaded)
+    if not layers:
+        raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to reduce")
+    sample = ROUTER_SAMPLE_TOKENS if router_rows == "lse" else 0
+    stats = collect_statistics(loaded, layers, calibration.sequences, router_sample=sample, progress=progress)
+    groups = plan_groups(stats, source.family, config, r, method, linkage, router)
+    params_before = sum(p.numel() for p in loaded.parameters())
+    originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows)
+
+    sidecar = None
+    if router == "grouped":
+        sidecar = {f"layers.{layer}.weight": w for layer, (w, _) in originals.items()}
+        sidecar |= {
+            f"layers.{layer}.e_score_correction_bias": b for layer, (_, b) in originals.items() if b is not None
+        }
+    parameters = {
+        "experts": r,
+        "ratio": ratio,
+        "linkage": linkage,
+        "merge": merge,
+        "router_rows": router_rows,
+        "calib": calib,
+        "calib_samples": calib_samples,
+        "calib_seq_len": calib_seq_len,
+        "dtype": dtype,
+        "device": device,
+        "seed": seed,
+    }
+    meta = {
+        "format_version": 1,
+        "method": method,
+        "router": router,
+        "parameters": parameters,
+        "source": {
+            "path": str(model),
+            "model_type": config.model_type,
+            "num_experts": n,
+            "top_k": source.family.routing_rule(config).top_k,
+        },
+        "calibration": {
+            "spec": calibration.spec,
+            "sequences": len(calibration.sequences),
+            "tokens": calibration.num_tokens,
+            "sha256": calibration.sha256(),
+        },
+        "versions": package_versions(),
+        "layers": [
+            {"layer": layer, "groups": groups[layer], "frequency": stats[layer].frequency.tolist()} for layer in groups
+        ],
+    }
+    with atomic_output(out, force) as tmp:
+        write_checkpoint(loaded, source.path, tmp, meta, sidecar)
+        bytes_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+    return ReduceResult(
+        out=out,
+        groups=groups,
+        num_experts=n,
+        experts=r,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in loaded.parameters()),
+        bytes_before=sum(f.stat().st_size for f in source.weight_files),
+        bytes_after=bytes_after,
+        calibration_tokens=calibration.num_tokens,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape the output."""
+    names = ("moemerge", "torch", "transformers", "safetensors", "scipy", "numpy")
+    return {"python": platform.python_version()} | {name: metadata.version(name) for name in names}

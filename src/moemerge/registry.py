@@ -1,0 +1,43 @@
+"""Names to methods: the one place that turns an option value into code, and rejects unknown ones.
+
+Each method module registers itself with :func:`register`; the CLI lists the choices with
+:func:`names`. The public reference code silently fell back to k-means on a misspelled
+clustering name; here an unknown name is always an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from moemerge.errors import MoemergeError
+
+F = TypeVar("F", bound=Callable)
+
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+def register(kind: str, name: str) -> Callable[[F], F]:
+    """Decorator: make ``fn`` available as option value ``name`` of option ``kind``."""
+
+    def add(fn: F) -> F:
+        table = _REGISTRY.setdefault(kind, {})
+        if name in table:
+            raise ValueError(f"{kind} {name!r} registered twice")
+        table[name] = fn
+        return fn
+
+    return add
+
+
+def names(kind: str) -> list[str]:
+    """Registered names of ``kind``, in registration order."""
+    return list(_REGISTRY.get(kind, {}))
+
+
+def resolve(kind: str, name: str) -> Callable:
+    """The function registered as ``name`` for ``kind``; unknown names raise MoemergeError."""
+    table = _REGISTRY.get(kind, {})
+    if name not in table:
+        raise MoemergeError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
+    return table[name]

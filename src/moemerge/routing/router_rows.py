@@ -1,0 +1,61 @@
+"""Router rows for a standard r-way router (``--router reduce``), one per merged expert.
+
+- ``frequency``: w_g = sum_i a_i w_i with a the frequency merge weights of the group.
+- ``lse``: least-squares fit, on sampled calibration router inputs X [t, H], of x . w_g to
+  log sum_{i in g} exp(x . w_i). Under a softmax router that target gives the merged expert
+  exactly the summed probability of its members, as ``grouped`` routing does; the fit is
+  ridge-regularised towards the ``frequency`` row. One-member groups keep their row exactly.
+
+The selection bias (DeepSeek-V3) of a merged expert is the frequency-weighted mean of its
+members'. Which rule is the default was decided by measurement (see the README).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moemerge.merging.weighted_average import frequency_weights
+from moemerge.registry import register, resolve
+from moemerge.statistics import LayerStatistics
+
+RIDGE = 1e-3
+
+
+def router_rows(
+    rule: str, weight: torch.Tensor, bias: torch.Tensor | None, groups: list[list[int]], stats: LayerStatistics
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New router ``weight`` [r, H] (input dtype) and selection ``bias`` [r] (or None) by ``rule``."""
+    alphas = [frequency_weights(stats, g) for g in groups]
+    rows = resolve("router-rows", rule)(weight.double(), groups, alphas, stats)
+    new_bias = None
+    if bias is not None:
+        new_bias = torch.stack([(a * bias[g].double()).sum() for g, a in zip(groups, alphas, strict=True)])
+        new_bias = new_bias.to(bias.dtype)
+    return rows.to(weight.dtype), new_bias
+
+
+@register("router-rows", "frequency")
+def frequency_rows(weight, groups, alphas, stats) -> torch.Tensor:
+    """[r, H] float64 frequency-weighted mean of member rows."""
+    return torch.stack([a @ weight[g] for g, a in zip(groups, alphas, strict=True)])
+
+
+@register("router-rows", "lse")
+def lse_rows(weight, groups, alphas, stats) -> torch.Tensor:
+    """[r, H] float64 ridge least-squares fit of each group's log-sum-exp of member logits."""
+    if stats.router_inputs is None:
+        raise ValueError("lse router rows need router inputs sampled during calibration")
+    x = stats.router_inputs.double()
+    logits = x @ weight.T
+    gram = x.T @ x
+    ridge = RIDGE * gram.trace() / len(gram) + 1e-12
+    system = gram + ridge * torch.eye(len(gram), dtype=gram.dtype)
+    start = frequency_rows(weight, groups, alphas, stats)
+    rows = []
+    for g, members in enumerate(groups):
+        if len(members) == 1:
+            rows.append(weight[members[0]])
+            continue
+        target = torch.logsumexp(logits[:, members], dim=1)
+        rows.append(torch.linalg.solve(system, x.T @ target + ridge * start[g]))
+    return torch.stack(rows)

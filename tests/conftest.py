@@ -1,0 +1,129 @@
+"""Tiny random-weight models of every supported family, built from configs inside the tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "demo" / "model"  # the demo model's BPE tokenizer (4096 tokens)
+VOCAB = 4096
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+NUM_EXPERTS = 8
+TOP_K = 2
+
+
+def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K):
+    """A 2-MoE-layer config of ``family`` (DeepSeek-V3 adds one dense first layer and 2 routing groups)."""
+    if family == "mixtral":
+        return MixtralConfig(
+            **COMMON,
+            num_key_value_heads=2,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+        )
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **COMMON,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_hidden_layers=2,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=False,
+        )
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **COMMON,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=True,
+        )
+    if family == "olmoe":
+        return OlmoeConfig(
+            **COMMON,
+            num_key_value_heads=2,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+        )
+    if family == "deepseek_v3":
+        return DeepseekV3Config(
+            **COMMON,
+            num_key_value_heads=4,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            n_routed_experts=num_experts,
+            n_shared_experts=1,
+            num_experts_per_tok=top_k,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A random-weight float32 model of ``family`` in eval mode; router weights scaled up so routing is decisive."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.gate.weight.normal_(0, 0.5)
+                if hasattr(layer.mlp.gate, "e_score_correction_bias"):
+                    layer.mlp.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def save_tiny(family: str, path: Path, seed: int = 0, tokenizer: bool = True, **kwargs) -> Path:
+    """Write a tiny model of ``family`` as a checkpoint directory (with the demo tokenizer) and return its path."""
+    tiny_model(family, seed, **kwargs).save_pretrained(path)
+    if tokenizer:
+        for file in TOKENIZER_DIR.glob("tokenizer*"):
+            shutil.copyfile(file, path / file.name)
+    return path
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
