@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from moemerge.adapters import MoEFamily
@@ -88,6 +89,7 @@ def apply_groups(
     groups: dict[int, list[list[int]]],
     merge: str = "frequency",
     router_rows_rule: str = "frequency",
+    progress: bool = False,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router.
 
@@ -95,7 +97,7 @@ def apply_groups(
     which grouped routing keeps.
     """
     originals = {}
-    for view in family.moe_layers(model):
+    for view in tqdm(family.moe_layers(model), desc="merging", unit="layer", disable=not progress):
         layer_groups, layer_stats = groups[view.layer], stats[view.layer]
         bias = view.selection_bias
         originals[view.layer] = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
@@ -145,6 +147,8 @@ def reduce(
     out = Path(out)
     check_output(out, force)
     source = inspect_source(model, allow_pickle=allow_pickle)
+    if out.resolve() == source.path.resolve():
+        raise MoemergeError(f"--out {out} is the source model directory; choose another output directory")
     config = AutoConfig.from_pretrained(source.path)
     n = source.family.num_experts(config)
     r = target_experts(n, experts, ratio)
@@ -159,7 +163,7 @@ def reduce(
     stats = collect_statistics(loaded, layers, calibration.sequences, router_sample=sample, progress=progress)
     groups = plan_groups(stats, source.family, config, r, method, linkage, router)
     params_before = sum(p.numel() for p in loaded.parameters())
-    originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows)
+    originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows, progress)
 
     sidecar = None
     if router == "grouped":

@@ -22,18 +22,28 @@ class DeepseekV3Family(MoEFamily):
         )
 
     def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:
-        blocks = super().partitions(config, r, check_top_k)
         rule = self.routing_rule(config)
         if rule.n_group == 1:
-            return blocks
+            return super().partitions(config, r, check_top_k)
+        # r >= topk_group * r / n_group >= top-k, so the base check is implied by the one below
         n = self.num_experts(config)
         per_block, rest = divmod(r, rule.n_group)
-        if rest or per_block < 2 or (check_top_k and rule.topk_group * per_block < rule.top_k):
-            valid = [m * rule.n_group for m in range(2, n // rule.n_group) if rule.topk_group * m >= rule.top_k]
+        reaches_top_k = rule.topk_group * per_block >= rule.top_k
+        if rest or per_block < 2 or (check_top_k and not reaches_top_k):
+            valid = [
+                m * rule.n_group
+                for m in range(2, n // rule.n_group)
+                if not check_top_k or rule.topk_group * m >= rule.top_k
+            ]
+            routing = f"n_group={rule.n_group}, topk_group={rule.topk_group}, top-k={rule.top_k}"
+            if rest or per_block < 2:
+                raise MoemergeError(
+                    f"--experts {r} breaks DeepSeek group-limited routing ({routing}): each of the {rule.n_group} "
+                    f"routing groups must keep the same number (>= 2) of experts; use --experts in {valid}"
+                )
             raise MoemergeError(
-                f"--experts {r} breaks DeepSeek group-limited routing (n_group={rule.n_group}, "
-                f"topk_group={rule.topk_group}, top-k={rule.top_k}): each routing group must keep the same number "
-                f"(>= 2) of experts; use --experts in {valid}, or --router grouped"
+                f"--experts {r} leaves {rule.topk_group * per_block} experts in the routing groups a token may use "
+                f"({routing}), fewer than top-k; use --experts in {valid}, or --router grouped"
             )
         size = n // rule.n_group
         return [(list(range(g * size, (g + 1) * size)), per_block) for g in range(rule.n_group)]
