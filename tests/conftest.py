@@ -124,6 +124,15 @@ def save_tiny(family: str, path: Path, seed: int = 0, tokenizer: bool = True, **
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: one intra-op thread beats thread hand-offs, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

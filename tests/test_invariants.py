@@ -26,15 +26,6 @@ N, TOP_K = 8, 2
 HAND_GROUPS = [[0, 2, 3], [1], [4, 7], [5, 6]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is several times faster than thread hand-offs on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # oracles
 

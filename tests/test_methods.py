@@ -19,15 +19,6 @@ from moemerge.statistics import LayerStatistics, collect_statistics
 DEEPSEEK = ADAPTERS["deepseek_v3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is several times faster than thread hand-offs on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def partition(groups) -> set[frozenset[int]]:
     return {frozenset(int(i) for i in g) for g in groups}
 

@@ -155,7 +155,8 @@ def reduce(
     source.family.partitions(config, r, check_top_k=router == "reduce")
 
     loaded, tokenizer = load_source(source, dtype=dtype, device=device)
-    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed)
+    vocab_size = loaded.get_input_embeddings().num_embeddings
+    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab_size)
     layers = source.family.moe_layers(loaded)
     if not layers:
         raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to reduce")

@@ -17,12 +17,22 @@ FAMILIES: dict[str, MoEFamily] = {
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
+def _names_experts(config: dict) -> bool:
+    """Whether a config, or a config nested in it (DBRX ``ffn_config``, Llama 4 ``text_config``), counts experts."""
+    for key, value in config.items():
+        if key in _EXPERT_COUNT_KEYS and isinstance(value, int) and value > 0:
+            return True
+        if isinstance(value, dict) and _names_experts(value):
+            return True
+    return False
+
+
 def family_for(config: dict) -> MoEFamily:
     """The adapter for a model's ``config.json`` contents; a clear error for dense or unknown models."""
     model_type = config.get("model_type")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    if any(config.get(key) for key in _EXPERT_COUNT_KEYS):
+    if _names_experts(config):
         raise MoemergeError(
             f"model family {model_type!r} is not supported; supported Mixture-of-Experts families: {', '.join(FAMILIES)}"
         )

@@ -50,9 +50,12 @@ class CalibrationSet:
 
 
 def load_calibration(
-    spec: str | None, tokenizer, samples: int = 32, seq_len: int = 2048, seed: int = 0
+    spec: str | None, tokenizer, samples: int = 32, seq_len: int = 2048, seed: int = 0, vocab_size: int | None = None
 ) -> CalibrationSet:
-    """Read ``spec`` (see the module docstring) into ``samples`` sequences of at most ``seq_len`` tokens."""
+    """Read ``spec`` (see the module docstring) into ``samples`` sequences of at most ``seq_len`` tokens.
+
+    ``vocab_size``: when given, ``input_ids`` rows holding a larger id are refused.
+    """
     if samples < 1 or seq_len < 1:
         raise MoemergeError(f"--calib-samples ({samples}) and --calib-seq-len ({seq_len}) must be at least 1")
     name = spec or "default corpus"
@@ -70,7 +73,7 @@ def load_calibration(
         elif path.suffix == ".jsonl":
             rows = _read_jsonl(path)
             if all("input_ids" in row for row in rows):
-                return CalibrationSet(name, _token_rows(path, rows, samples, seq_len))
+                return CalibrationSet(name, _token_rows(path, rows, samples, seq_len, vocab_size))
             if not all(isinstance(row.get("text"), str) for row in rows):
                 raise MoemergeError(f"{spec}: every row must have a 'text' string, or every row 'input_ids'")
             documents = [row["text"] for row in rows]
@@ -98,7 +101,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int) -> list[torch.Tensor]:
+def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int, vocab_size: int | None) -> list[torch.Tensor]:
     if len(rows) < samples:
         raise MoemergeError(
             f"{path} has {len(rows)} input_ids rows but --calib-samples is {samples}; add rows or lower --calib-samples"
@@ -106,8 +109,13 @@ def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int) -> lis
     sequences = []
     for number, row in enumerate(rows[:samples], start=1):
         ids = row["input_ids"]
-        if not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+        if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
             raise MoemergeError(f"{path}: row {number}: input_ids must be a non-empty list of token ids")
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise MoemergeError(
+                f"{path}: row {number}: token id {max(ids)} is outside the model's vocabulary of {vocab_size}; "
+                "were these ids made with another tokenizer?"
+            )
         sequences.append(torch.tensor(ids[:seq_len], dtype=torch.int64))
     return sequences
 
