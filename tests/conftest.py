@@ -30,6 +30,14 @@ COMMON = dict(
 )
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+# The config field of each family that counts routed experts, as transformers names it.
+EXPERT_FIELD = {
+    "mixtral": "num_local_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_experts",
+    "olmoe": "num_experts",
+    "deepseek_v3": "n_routed_experts",
+}
 NUM_EXPERTS = 8
 TOP_K = 2
 

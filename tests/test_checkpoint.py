@@ -17,23 +17,23 @@ import safetensors
 import scipy
 import torch
 import transformers
-from conftest import FAMILIES, TOP_K, save_tiny
+from conftest import EXPERT_FIELD, FAMILIES, TOP_K, save_tiny
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moemerge
 
 R = 4
 SAMPLES, SEQ_LEN = 2, 32
-EXPERT_FIELD = {
-    "mixtral": "num_local_experts",
-    "qwen2_moe": "num_experts",
-    "qwen3_moe": "num_experts",
-    "olmoe": "num_experts",
-    "deepseek_v3": "n_routed_experts",
-}
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 PROMPT = torch.tensor([[11, 402, 97, 1500, 33, 7, 2048, 64, 5, 300]])
+
+
+def reduce_small(source: Path, out: Path, calibration, **options) -> moemerge.ReduceResult:
+    """moemerge.reduce with the module's small input_ids calibration and no progress bars."""
+    return moemerge.reduce(
+        source, out, calib=str(calibration[0]), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN, progress=False, **options
+    )
 
 
 def write_calibration_rows(path: Path, seed: int = 0) -> list[list[int]]:
@@ -83,15 +83,7 @@ def reduced(tmp_path_factory, calibration) -> dict[str, tuple[Path, Path, moemer
     for family in FAMILIES:
         source = make_source(family, root / "src")
         out = root / f"{family}-out"
-        result = moemerge.reduce(
-            source,
-            out,
-            experts=R,
-            calib=str(calibration[0]),
-            calib_samples=SAMPLES,
-            calib_seq_len=SEQ_LEN,
-            progress=False,
-        )
+        result = reduce_small(source, out, calibration, experts=R)
         runs[family] = (source, out, result)
     return runs
 
@@ -324,16 +316,7 @@ def test_grouped_output_routes_through_original_router(tmp_path, calibration, fa
     """load_model of a --router grouped output equals the source model with each expert swapped for its group's merge."""
     source = make_source(family, tmp_path)
     out = tmp_path / "out"
-    moemerge.reduce(
-        source,
-        out,
-        experts=r,
-        router="grouped",
-        calib=str(calibration[0]),
-        calib_samples=SAMPLES,
-        calib_seq_len=SEQ_LEN,
-        progress=False,
-    )
+    reduce_small(source, out, calibration, experts=r, router="grouped")
     meta = json.loads((out / "moemerge.json").read_text(encoding="utf-8"))
     groups = {entry["layer"]: entry["groups"] for entry in meta["layers"]}
     assert all(len(g) == r for g in groups.values())
@@ -359,16 +342,7 @@ def test_bfloat16_output_is_stored_in_bfloat16(tmp_path, calibration, family):
     """--dtype bfloat16: every tensor is stored as transformers itself stores the model in bfloat16 (parameters BF16)."""
     source = make_source(family, tmp_path)
     out = tmp_path / "out"
-    moemerge.reduce(
-        source,
-        out,
-        experts=R,
-        dtype="bfloat16",
-        calib=str(calibration[0]),
-        calib_samples=SAMPLES,
-        calib_seq_len=SEQ_LEN,
-        progress=False,
-    )
+    reduce_small(source, out, calibration, experts=R, dtype="bfloat16")
     # oracle: the source loaded in bfloat16 and saved by transformers (which keeps some buffers in float32)
     AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(tmp_path / "reference")
     reference = safetensors_dtypes(tmp_path / "reference" / "model.safetensors")
@@ -393,15 +367,7 @@ def test_sharded_source_and_output(tmp_path, calibration, monkeypatch):
     assert len(source_shards) > 1
     monkeypatch.setattr(writer, "MAX_SHARD_SIZE", "300KB")  # stands in for the 2 GB limit
     out = tmp_path / "out"
-    result = moemerge.reduce(
-        source,
-        out,
-        experts=R,
-        calib=str(calibration[0]),
-        calib_samples=SAMPLES,
-        calib_seq_len=SEQ_LEN,
-        progress=False,
-    )
+    result = reduce_small(source, out, calibration, experts=R)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, save_tiny, tiny_model
+from conftest import EXPERT_FIELD, FAMILIES, save_tiny, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from moemerge import pipeline
@@ -28,13 +28,6 @@ TEXT = (
     "of a wife. However little known the feelings or views of such a man may be on his first entering a "
     "neighbourhood, this truth is so well fixed in the minds of the surrounding families.\n"
 ) * 4
-EXPERT_FIELD = {
-    "mixtral": "num_local_experts",
-    "qwen2_moe": "num_experts",
-    "qwen3_moe": "num_experts",
-    "olmoe": "num_experts",
-    "deepseek_v3": "n_routed_experts",
-}
 
 
 @pytest.fixture(scope="module")
