@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/router_rows.py MODEL HELDOUT.txt [--experts R ...] [--out results.md]
 
-One calibration pass (bundled corpus, 32 x 512 tokens); for each r, HC-SMoE groups (average
+One calibration pass (bundled corpus, 32 x 2048 tokens, the CLI default); for each r, HC-SMoE groups (average
 linkage, frequency merge) and then each router-rows rule. Reported on held-out text: perplexity,
 and the mean KL divergence of each model's next-token distribution from the ``grouped`` model
 (the paper's semantics, which the standard router approximates) and from the original model.
@@ -65,7 +65,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     family = FAMILIES[model.config.model_type]
     ids = torch.tensor(tokenizer(Path(args.heldout).read_text(encoding="utf-8"))["input_ids"])
-    calib = load_calibration(None, tokenizer, samples=32, seq_len=512, seed=0)
+    calib = load_calibration(None, tokenizer, samples=32, seq_len=2048, seed=0)
     stats = collect_statistics(model, family.moe_layers(model), calib.sequences, router_sample=8192)
     original = log_probs(model, ids)
     rows = [f"| original | {family.num_experts(model.config)} | {perplexity(original, ids):.3f} | - | 0 |"]

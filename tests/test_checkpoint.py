@@ -62,6 +62,32 @@ def moe_blocks(model) -> list:
     return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
 
 
+def capture_router_inputs(model, rows: list[list[int]]) -> dict[int, torch.Tensor]:
+    """Per decoder layer, the float64 inputs [T, H] of its MoE block over the calibration rows used by reduce_small."""
+    captured: dict[int, list[torch.Tensor]] = {}
+    hooks = [
+        layer.mlp.register_forward_pre_hook(
+            lambda module, args, i=i: captured.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+        )
+        for i, layer in enumerate(model.model.layers)
+        if hasattr(layer.mlp, "experts")
+    ]
+    with torch.no_grad():
+        for row in rows[:SAMPLES]:
+            model(torch.tensor([row[:SEQ_LEN]]))
+    for hook in hooks:
+        hook.remove()
+    return {i: torch.cat(xs) for i, xs in captured.items()}
+
+
+def lse_fit(x: torch.Tensor, member_rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """argmin_w ||x w - logsumexp(x member_rows^T)||^2 + lam ||w - start||^2, lam = 1e-3 trace(x^T x) / H (+1e-12)."""
+    gram = x.T @ x
+    lam = 1e-3 * gram.trace() / len(gram) + 1e-12
+    target = torch.logsumexp(x @ member_rows.T, dim=1)
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x.T @ target + lam * start)
+
+
 def sha256_of_rows(rows: list[list[int]]) -> str:
     h = hashlib.sha256()
     for row in rows:
@@ -217,14 +243,22 @@ def test_groups_partition_and_frequencies(reduced, calibration, family):
             assert sum(1 for g in groups if max(g) < n // 2) == R // 2
 
 
+@pytest.mark.parametrize("rule", ["lse", "frequency"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_weights_are_the_recorded_merge(reduced, family):
-    """Output experts and router rows are the frequency-weighted means of the recorded groups; every other tensor is unchanged."""
+def test_weights_are_the_recorded_merge(reduced, calibration, tmp_path, family, rule):
+    """Output experts are the frequency-weighted means of the recorded groups; router rows are the frequency-weighted
+    means (frequency) or the ridge least-squares fit of each group's log-sum-exp of member logits on the calibration
+    router inputs, recomputed here (lse, the default); every other tensor is unchanged."""
     source, out, _ = reduced[family]
+    if rule == "frequency":
+        out = tmp_path / "frequency-out"
+        reduce_small(source, out, calibration, experts=R, router_rows="frequency")
     meta = json.loads((out / "moemerge.json").read_text(encoding="utf-8"))
     before = AutoModelForCausalLM.from_pretrained(source).eval()
     after = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert meta["parameters"]["router_rows"] == rule
     entries = {entry["layer"]: entry for entry in meta["layers"]}
+    router_inputs = capture_router_inputs(before, calibration[1])
     for layer, (old, new) in enumerate(zip(before.model.layers, after.model.layers, strict=True)):
         if layer not in entries:
             assert not hasattr(new.mlp, "experts")
@@ -240,7 +274,14 @@ def test_weights_are_the_recorded_merge(reduced, family):
             for name in ("gate_up_proj", "down_proj"):
                 expected = mean(getattr(old.mlp.experts, name))
                 torch.testing.assert_close(getattr(new.mlp.experts, name)[g].double(), expected, atol=1e-6, rtol=0)
-            torch.testing.assert_close(new.mlp.gate.weight[g].double(), mean(old.mlp.gate.weight), atol=1e-6, rtol=0)
+            row = new.mlp.gate.weight[g].double()
+            if rule == "lse" and len(members) > 1:  # a float32 row from a float64 solve
+                expected = lse_fit(
+                    router_inputs[layer], old.mlp.gate.weight.double()[members], mean(old.mlp.gate.weight)
+                )
+                torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(row, mean(old.mlp.gate.weight), atol=1e-6, rtol=0)
             if hasattr(old.mlp.gate, "e_score_correction_bias"):
                 expected = mean(old.mlp.gate.e_score_correction_bias)
                 torch.testing.assert_close(

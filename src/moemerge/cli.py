@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reduce: standard checkpoint with an r-row router; grouped: keep the original router (load with moemerge.load_model)",
     )
     p.add_argument(
-        "--router-rows", default="frequency", choices=names("router-rows"), help="how reduced router rows are built"
+        "--router-rows", default="lse", choices=names("router-rows"), help="how reduced router rows are built"
     )
     p.add_argument(
         "--calib",

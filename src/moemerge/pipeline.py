@@ -25,7 +25,7 @@ from moemerge.errors import MoemergeError
 from moemerge.grouping import LINKAGES
 from moemerge.merging import member_weights, merge_experts
 from moemerge.registry import resolve
-from moemerge.routing import router_rows
+from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
 
 ROUTER_MODES = ("reduce", "grouped")
@@ -93,6 +93,9 @@ def apply_groups(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router.
 
+    ``router_rows_rule`` defaults to "frequency" here because "lse" (the default of :func:`reduce`)
+    needs statistics collected with ``router_sample > 0``.
+
     Returns the original routers, per decoder layer (weight [n, H], selection bias [n] or None),
     which grouped routing keeps.
     """
@@ -102,7 +105,7 @@ def apply_groups(
         bias = view.selection_bias
         originals[view.layer] = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
         merged = merge_experts(view.expert_weights(), layer_groups, member_weights(merge, layer_stats, layer_groups))
-        weight, new_bias = router_rows(router_rows_rule, view.router_weight, bias, layer_groups, layer_stats)
+        weight, new_bias = build_router_rows(router_rows_rule, view.router_weight, bias, layer_groups, layer_stats)
         view.set_experts(*merged)
         view.set_router(weight, new_bias)
     family.set_num_experts(model, len(next(iter(groups.values()))))
@@ -119,7 +122,7 @@ def reduce(
     linkage: str = "average",
     merge: str = "frequency",
     router: str = "reduce",
-    router_rows: str = "frequency",
+    router_rows: str = "lse",
     calib: str | None = None,
     calib_samples: int = 32,
     calib_seq_len: int = 2048,
