@@ -22,7 +22,7 @@ from moemerge.checkpoint import atomic_output, inspect_source, load_source, writ
 from moemerge.checkpoint.source import resolve_device, resolve_dtype
 from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
-from moemerge.grouping import LINKAGES
+from moemerge.grouping import check_linkage
 from moemerge.merging import member_weights, merge_experts
 from moemerge.registry import resolve
 from moemerge.routing import router_rows as build_router_rows
@@ -56,6 +56,8 @@ def target_experts(n: int, experts: int | None, ratio: float | None) -> int:
         if not 0 < ratio < 1:
             raise MoemergeError(f"--ratio {ratio} must be a fraction of experts kept, between 0 and 1")
         experts = max(1, round(ratio * n))
+        if experts >= n:
+            raise MoemergeError(f"--ratio {ratio} keeps all {n} experts per layer (rounded): nothing to reduce")
     if experts < 1:
         raise MoemergeError(f"--experts {experts} must be at least 1")
     if experts >= n:
@@ -141,8 +143,7 @@ def reduce(
     start = time.perf_counter()
     for kind, name in (("method", method), ("merge", merge), ("router-rows", router_rows)):
         resolve(kind, name)
-    if linkage not in LINKAGES:
-        raise MoemergeError(f"unknown linkage {linkage!r}; choose one of: {', '.join(LINKAGES)}")
+    check_linkage(linkage)
     if router not in ROUTER_MODES:
         raise MoemergeError(f"unknown router mode {router!r}; choose one of: {', '.join(ROUTER_MODES)}")
     resolve_dtype(dtype)

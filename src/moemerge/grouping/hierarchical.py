@@ -10,14 +10,19 @@ from moemerge.errors import MoemergeError
 LINKAGES = ("single", "complete", "average")
 
 
+def check_linkage(method: str) -> None:
+    """Raise MoemergeError unless ``method`` is a supported linkage."""
+    if method not in LINKAGES:
+        raise MoemergeError(f"unknown linkage {method!r}; choose one of: {', '.join(LINKAGES)}")
+
+
 def hierarchical_labels(features: np.ndarray, r: int, method: str = "average") -> np.ndarray:
     """Cluster labels [n] (values 0..r-1) of ``features`` [n, d] under Euclidean distance.
 
     ``method`` is the linkage: single (closest pair of members), complete (farthest pair of
     members, merging the two clusters for which that is smallest) or average (mean pairwise).
     """
-    if method not in LINKAGES:
-        raise MoemergeError(f"unknown linkage {method!r}; choose one of: {', '.join(LINKAGES)}")
+    check_linkage(method)
     n = len(features)
     if not 1 <= r <= n:
         raise ValueError(f"cannot make {r} clusters of {n} experts")
