@@ -53,7 +53,12 @@ def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=anchor))
     try:
         yield tmp
-        tmp.chmod(0o755)
+        # mkdtemp and safetensors' atomic writes leave owner-only modes; give the usual ones
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out)
