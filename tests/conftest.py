@@ -110,6 +110,17 @@ def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K)
     raise ValueError(family)
 
 
+def layer_stats(layer: int, mean_output: torch.Tensor, counts: torch.Tensor, num_tokens: int, **fields):
+    """LayerStatistics from hand-made tensors; router sums and REAP saliency default to zeros, the rule to top-2."""
+    from moemerge.adapters import RoutingRule
+    from moemerge.statistics import LayerStatistics
+
+    n = len(counts)
+    defaults = dict(prob_sum=torch.zeros(n, dtype=torch.float64), reap=torch.zeros(n, dtype=torch.float64))
+    defaults["routing"] = RoutingRule(top_k=TOP_K)
+    return LayerStatistics(layer, mean_output, counts, num_tokens, **(defaults | fields))
+
+
 def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """A random-weight float32 model of ``family`` in eval mode; router weights scaled up so routing is decisive."""
     torch.manual_seed(seed)

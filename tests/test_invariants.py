@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, VOCAB, tiny_model
+from conftest import FAMILIES, VOCAB, layer_stats, tiny_model
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from moemerge import apply_groups, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
 from moemerge.routing.grouped import install_grouped_routers
-from moemerge.statistics import LayerStatistics, collect_statistics
+from moemerge.statistics import collect_statistics
 
 N, TOP_K = 8, 2
 # groups that respect DeepSeek's two routing blocks [0..3] and [4..7] (2 per block), with a triple and a singleton
@@ -307,7 +307,7 @@ def test_a_group_no_token_used_is_averaged_plainly():
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(4, 3, 5, generator=g)
-    stats = LayerStatistics(0, torch.zeros(4, 5), torch.tensor([0, 0, 5, 1]), 3)
+    stats = layer_stats(0, torch.zeros(4, 5), torch.tensor([0, 0, 5, 1]), 3)
     groups = [[0, 1], [2, 3]]
     (merged,) = merge_experts((w,), groups, member_weights("frequency", stats, groups))
     torch.testing.assert_close(merged[0], w[[0, 1]].mean(0))

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, tiny_config, tiny_model
+from conftest import FAMILIES, layer_stats, tiny_config, tiny_model
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from moemerge import MoemergeError, apply_groups, plan_groups
@@ -31,7 +31,7 @@ def scipy_partition(features: np.ndarray, r: int, method: str) -> set[frozenset[
 
 def synthetic_stats(n: int = 8, hidden: int = 6, seed: int = 0, layer: int = 1) -> dict[int, LayerStatistics]:
     g = torch.Generator().manual_seed(seed)
-    return {layer: LayerStatistics(layer, torch.randn(n, hidden, generator=g), torch.arange(1, n + 1), 2 * n)}
+    return {layer: layer_stats(layer, torch.randn(n, hidden, generator=g), torch.arange(1, n + 1), 2 * n)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,17 +19,52 @@ from moemerge.errors import MoemergeError
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """How a layer's router picks experts (read from the config; applied by the model's own code).
+    """How a layer's router picks and weights experts, as plain-tensor code (for methods that re-route).
 
     scoring: "softmax" or "sigmoid" over the router logits.
+    normalize: renormalise the top-k weights to sum to 1.
+    scale: factor on the top-k weights (DeepSeek-V3's ``routed_scaling_factor``).
     n_group / topk_group: group-limited routing (DeepSeek-V3): experts are split into
-    ``n_group`` contiguous routing groups and only the best ``topk_group`` groups compete.
+    ``n_group`` contiguous routing groups, each scored by the sum of its two best selection
+    scores, and only the best ``topk_group`` groups compete.
     """
 
     top_k: int
     scoring: str = "softmax"
+    normalize: bool = False
+    scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, n] float32 router probabilities (softmax) or scores (sigmoid)."""
+        return logits.float().softmax(-1) if self.scoring == "softmax" else logits.float().sigmoid()
+
+    def route(
+        self, logits: torch.Tensor, bias: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] float32, expert ids [T, k]) for router ``logits`` [T, n], as transformers routes.
+
+        bias: [n] selection-only bias (DeepSeek-V3). keep: [n] bool; experts outside it are masked
+        to -inf before scoring and selection, as if pruned.
+        """
+        logits = logits.float()
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf"))
+        scores = self.scores(logits)
+        choice = scores if bias is None else scores + bias.float()
+        if keep is not None:
+            choice = choice.masked_fill(~keep, float("-inf"))
+        if self.n_group > 1:
+            grouped = choice.view(len(choice), self.n_group, -1)
+            best_groups = grouped.topk(2, dim=-1)[0].sum(-1).topk(self.topk_group, dim=-1)[1]
+            allowed = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = choice.masked_fill(~allowed.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        if self.normalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if self.scoring == "sigmoid" else 0.0))
+        return weights * self.scale, ids
 
 
 class MoELayerView:
@@ -120,7 +155,8 @@ class MoEFamily:
     expert_count_field: str = ""
 
     def routing_rule(self, config) -> RoutingRule:
-        return RoutingRule(top_k=config.num_experts_per_tok)
+        """Softmax top-k; the top-k weights renormalised where the config says ``norm_topk_prob``."""
+        return RoutingRule(top_k=config.num_experts_per_tok, normalize=bool(getattr(config, "norm_topk_prob", False)))
 
     def num_experts(self, config) -> int:
         return getattr(config, self.expert_count_field)

@@ -18,7 +18,12 @@ class DeepseekV3Family(MoEFamily):
 
     def routing_rule(self, config) -> RoutingRule:
         return RoutingRule(
-            top_k=config.num_experts_per_tok, scoring="sigmoid", n_group=config.n_group, topk_group=config.topk_group
+            top_k=config.num_experts_per_tok,
+            scoring="sigmoid",
+            normalize=config.norm_topk_prob,
+            scale=config.routed_scaling_factor,
+            n_group=config.n_group,
+            topk_group=config.topk_group,
         )
 
     def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:

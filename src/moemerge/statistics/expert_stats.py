@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from moemerge.adapters import MoELayerView
+from moemerge.adapters import MoELayerView, RoutingRule
 
 TOKEN_CHUNK = 1024
 
@@ -27,14 +27,26 @@ class LayerStatistics:
     mean_output: [n, H] float32, o_j = mean_t E_j(x_t) over all tokens.
     counts: [n] int64, how many tokens the router put each expert in its top-k for.
     num_tokens: T.
+    prob_sum: [n] float64, router probability (softmax) or score (sigmoid) of each expert summed over tokens.
+    reap: [n] float64 REAP saliency, mean over the tokens routed to j of g_j(x) ||E_j(x)||_2 with g
+        the top-k weights renormalised to sum to 1 (0 for an expert no token was routed to).
+    routing: the layer's routing rule; selection_bias: [n] float32 or None.
     router_inputs: [t, H] float32 hidden states at the router, every ``T/t``-th token, or None.
+    router_logits: [t', n] float32 router logits, and expert_outputs: [t', n, H] float32 E_j(x) of
+        every expert, for every ``t/t'``-th of those sampled tokens, or None.
     """
 
     layer: int
     mean_output: torch.Tensor
     counts: torch.Tensor
     num_tokens: int
+    prob_sum: torch.Tensor
+    reap: torch.Tensor
+    routing: RoutingRule
+    selection_bias: torch.Tensor | None = None
     router_inputs: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    expert_outputs: torch.Tensor | None = None
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -43,25 +55,38 @@ class LayerStatistics:
 
 
 class _LayerAccumulator:
-    def __init__(self, view: MoELayerView, total_tokens: int, router_sample: int):
+    def __init__(self, view: MoELayerView, total_tokens: int, router_sample: int, output_sample: int):
         self.view = view
         n, intermediate = view.num_experts, view.block.experts.down_proj.shape[2]
         device = view.router_weight.device
         self.act_sum = torch.zeros(n, intermediate, dtype=torch.float64, device=device)
         self.counts = torch.zeros(n, dtype=torch.int64, device=device)
+        self.prob_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.reap_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.seen = 0
         self.stride = math.ceil(total_tokens / router_sample) if router_sample else 0
+        self.output_sample = output_sample
         self.router_inputs: list[torch.Tensor] = []
 
     def hook(self, module, args) -> None:
         """Forward pre-hook on the MoE block: returns None so the forward is unchanged."""
         x = args[0].reshape(-1, args[0].shape[-1])
-        self.counts += torch.bincount(self.view.route(x).reshape(-1), minlength=len(self.counts))
-        gate, up, _ = self.view.expert_weights()
-        for chunk in x.split(TOKEN_CHUNK):
-            for j in range(len(self.counts)):
+        logits, weights, indices = self.view.block.gate(x)
+        n = len(self.counts)
+        self.counts += torch.bincount(indices.reshape(-1), minlength=n)
+        self.prob_sum += self.view.routing.scores(logits).sum(0, dtype=torch.float64)
+        gates = weights.float() / weights.float().sum(-1, keepdim=True)
+        gate, up, down = self.view.expert_weights()
+        for start in range(0, len(x), TOKEN_CHUNK):
+            chunk, chunk_ids = x[start : start + TOKEN_CHUNK], indices[start : start + TOKEN_CHUNK]
+            chunk_gates = gates[start : start + TOKEN_CHUNK]
+            for j in range(n):
                 act = self.view.act_fn(chunk @ gate[j].T).float() * (chunk @ up[j].T).float()
                 self.act_sum[j] += act.sum(0, dtype=torch.float64)
+                token, slot = (chunk_ids == j).nonzero(as_tuple=True)
+                if len(token):
+                    norms = (act[token].to(down.dtype) @ down[j].T).float().norm(dim=-1)
+                    self.reap_sum[j] += (chunk_gates[token, slot] * norms).sum(dtype=torch.float64)
         if self.stride:
             keep = (torch.arange(len(x), device=x.device) + self.seen) % self.stride == 0
             self.router_inputs.append(x[keep].float().cpu())
@@ -69,10 +94,36 @@ class _LayerAccumulator:
 
     def result(self) -> LayerStatistics:
         down = self.view.block.experts.down_proj.double()
-        mean_act = self.act_sum / self.seen
-        mean_output = torch.einsum("nhi,ni->nh", down, mean_act).float().cpu()
-        inputs = torch.cat(self.router_inputs) if self.router_inputs else None
-        return LayerStatistics(self.view.layer, mean_output, self.counts.cpu(), self.seen, inputs)
+        mean_output = torch.einsum("nhi,ni->nh", down, self.act_sum / self.seen).float().cpu()
+        bias = self.view.selection_bias
+        stats = LayerStatistics(
+            self.view.layer,
+            mean_output,
+            self.counts.cpu(),
+            self.seen,
+            self.prob_sum.cpu(),
+            (self.reap_sum / self.counts.clamp(min=1)).cpu(),
+            self.view.routing,
+            None if bias is None else bias.detach().float().cpu(),
+        )
+        if self.router_inputs:
+            stats.router_inputs = torch.cat(self.router_inputs)
+        if self.output_sample and self.router_inputs:
+            x = stats.router_inputs[:: math.ceil(len(stats.router_inputs) / self.output_sample)]
+            x = x.to(self.view.router_weight)
+            stats.router_logits = (x @ self.view.router_weight.T).float().cpu()
+            stats.expert_outputs = expert_outputs(self.view, x).cpu()
+        return stats
+
+
+def expert_outputs(view: MoELayerView, x: torch.Tensor) -> torch.Tensor:
+    """[t, n, H] float32 E_j(x) of every expert of ``view`` on hidden states ``x`` [t, H]."""
+    gate, up, down = view.expert_weights()
+    outputs = [
+        ((view.act_fn(x @ gate[j].T).float() * (x @ up[j].T).float()).to(down.dtype) @ down[j].T).float()
+        for j in range(view.num_experts)
+    ]
+    return torch.stack(outputs, dim=1)
 
 
 @torch.inference_mode()
@@ -82,13 +133,15 @@ def collect_statistics(
     sequences: list[torch.Tensor],
     router_sample: int = 0,
     progress: bool = True,
+    output_sample: int = 0,
 ) -> dict[int, LayerStatistics]:
     """Run ``sequences`` (1-D token tensors) through ``model`` and return statistics per decoder layer.
 
     ``router_sample``: keep about this many router-input hidden states per layer (0: none).
+    ``output_sample``: of those, keep router logits and every expert's output for about this many.
     """
     total = sum(len(s) for s in sequences)
-    accumulators = [_LayerAccumulator(view, total, router_sample) for view in layers]
+    accumulators = [_LayerAccumulator(view, total, router_sample, output_sample) for view in layers]
     handles = [acc.view.block.register_forward_pre_hook(acc.hook) for acc in accumulators]
     device = next(model.parameters()).device
     try:
