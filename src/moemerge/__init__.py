@@ -3,7 +3,6 @@
 Python API: :func:`reduce` (the ``moemerge reduce`` command) and :func:`load_model`.
 """
 
-from moemerge import methods  # noqa: F401  (registers the methods)
 from moemerge.checkpoint import load_model
 from moemerge.errors import MoemergeError
 from moemerge.pipeline import ReduceResult, apply_groups, plan_groups, reduce

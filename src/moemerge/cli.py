@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--router-rows", default="lse", choices=names("router-rows"), help="how reduced router rows are built"
     )
     p.add_argument(
+        "--oprune-budget",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="o-prune: try every subset if there are at most N, else N random ones (default 100000)",
+    )
+    p.add_argument(
         "--calib",
         metavar="SPEC",
         help="a .txt, a .jsonl (text or input_ids rows) or hf:NAME[:CONFIG[:SPLIT]]; default: bundled corpus",
@@ -75,6 +82,7 @@ def _reduce(args: argparse.Namespace) -> None:
         merge=args.merge,
         router=args.router,
         router_rows=args.router_rows,
+        oprune_budget=args.oprune_budget,
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,

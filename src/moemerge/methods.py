@@ -1,21 +1,107 @@
 """Reduction methods: a layer's statistics and a target count in, groups of expert ids out.
 
-Every method is registered under its ``--method`` name. A group of several experts is merged
-into one; a one-member group keeps that expert (pruning methods return only the kept ones).
+Every method is registered under its ``--method`` name and called as
+``method(stats, experts, r, options)``, where ``experts`` are the expert ids to reduce (all of
+the layer's, or one DeepSeek routing block) to ``r``. A group of several experts is merged into
+one; pruning methods return only the kept experts, each as a one-member group.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+import torch
 
 from moemerge.grouping import hierarchical_labels, labels_to_groups
 from moemerge.registry import register
 from moemerge.statistics import LayerStatistics
 
+# Methods that keep whole experts: with them, --router reduce already routes exactly as the pruned model.
+PRUNING_METHODS = ("f-prune", "s-prune", "reap", "o-prune")
+# Methods that need every expert's output on sampled tokens (collect_statistics(output_sample=...)).
+NEEDS_EXPERT_OUTPUTS = ("o-prune",)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options of the methods; each reads the ones it needs.
+
+    linkage: hierarchical-clustering linkage (hc-smoe).
+    oprune_budget: O-prune searches all subsets when there are at most this many, else this many
+        random subsets.
+    seed: seed of O-prune's random subsets.
+    """
+
+    linkage: str = "average"
+    oprune_budget: int = 100_000
+    seed: int = 0
+
 
 @register("method", "hc-smoe")
-def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, *, linkage: str = "average") -> list[list[int]]:
-    """HC-SMoE: hierarchical clustering of the experts' mean outputs o_j (Euclidean), exactly r groups.
-
-    experts: the expert ids to group (all of the layer's, or one routing block of them).
-    """
+def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+    """HC-SMoE: hierarchical clustering of the experts' mean outputs o_j (Euclidean), exactly r groups."""
     features = stats.mean_output[experts].double().numpy()
-    return labels_to_groups(hierarchical_labels(features, r, linkage), ids=experts)
+    return labels_to_groups(hierarchical_labels(features, r, options.linkage), ids=experts)
+
+
+def keep_highest(score: torch.Tensor, experts: list[int], r: int) -> list[list[int]]:
+    """One-member groups of the r experts with the highest ``score`` [n] (ties: the lower id)."""
+    kept = sorted(experts, key=lambda j: (-float(score[j]), j))[:r]
+    return [[j] for j in sorted(kept)]
+
+
+@register("method", "f-prune")
+def f_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+    """F-prune: keep the r experts most often selected in the router's top-k."""
+    return keep_highest(stats.counts, experts, r)
+
+
+@register("method", "s-prune")
+def s_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+    """S-prune: keep the r experts with the largest router probability (sigmoid score for DeepSeek-V3)
+    summed over all calibration tokens, whether or not they were selected."""
+    return keep_highest(stats.prob_sum, experts, r)
+
+
+@register("method", "reap")
+def reap(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+    """REAP (Cerebras 2025): keep the r experts of highest saliency, the mean over the tokens routed to j
+    of g_j(x) ||E_j(x)||_2 with g the renormalised top-k weight; an expert never routed to scores 0."""
+    return keep_highest(stats.reap, experts, r)
+
+
+@register("method", "o-prune")
+def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+    """O-prune (Lu et al. 2024): keep the set S of r experts minimising sum_x ||MoE(x) - MoE_S(x)||^2 over the
+    sampled calibration tokens, where MoE_S masks the other experts' logits to -inf before routing.
+
+    All C(len(experts), r) subsets are tried when that is at most ``options.oprune_budget``, else that many
+    random subsets (seeded), as the paper did for Qwen. With DeepSeek's routing blocks each block is searched
+    on its own, the experts outside it kept. Ties go to the subset found first.
+    """
+    if stats.expert_outputs is None or stats.router_logits is None:
+        raise ValueError("o-prune needs collect_statistics(..., output_sample > 0)")
+    outputs, logits = stats.expert_outputs.double(), stats.router_logits
+    rows = torch.arange(len(logits))[:, None]
+
+    def moe(keep: torch.Tensor) -> torch.Tensor:
+        weights, ids = stats.routing.route(logits, stats.selection_bias, keep)
+        return torch.einsum("tk,tkh->th", weights.double(), outputs[rows, ids])
+
+    full = moe(torch.ones(logits.shape[1], dtype=torch.bool))
+    if math.comb(len(experts), r) <= options.oprune_budget:
+        candidates = itertools.combinations(experts, r)
+    else:
+        rng = random.Random(options.seed)
+        candidates = (sorted(rng.sample(experts, r)) for _ in range(options.oprune_budget))
+    best, best_error = None, math.inf
+    for subset in candidates:
+        keep = torch.ones(logits.shape[1], dtype=torch.bool)
+        keep[[j for j in experts if j not in subset]] = False
+        error = float(((full - moe(keep)) ** 2).sum())
+        if error < best_error:
+            best, best_error = subset, error
+    return [[j] for j in sorted(best)]

@@ -24,12 +24,14 @@ from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
 from moemerge.grouping import check_linkage
 from moemerge.merging import member_weights, merge_experts
+from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions
 from moemerge.registry import resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
 
 ROUTER_MODES = ("reduce", "grouped")
 ROUTER_SAMPLE_TOKENS = 8192
+OUTPUT_SAMPLE_TOKENS = 512
 
 
 @dataclass
@@ -73,13 +75,16 @@ def plan_groups(
     method: str = "hc-smoe",
     linkage: str = "average",
     router: str = "reduce",
+    oprune_budget: int = 100_000,
+    seed: int = 0,
 ) -> dict[int, list[list[int]]]:
     """Groups of original expert ids per decoder layer, r per layer, by the method named ``method``."""
     choose = resolve("method", method)
+    options = MethodOptions(linkage=linkage, oprune_budget=oprune_budget, seed=seed)
     blocks = family.partitions(config, r, check_top_k=router == "reduce")
     plan = {}
     for layer, layer_stats in stats.items():
-        plan[layer] = sorted(g for ids, share in blocks for g in choose(layer_stats, ids, share, linkage=linkage))
+        plan[layer] = sorted(g for ids, share in blocks for g in choose(layer_stats, ids, share, options))
     return plan
 
 
@@ -125,6 +130,7 @@ def reduce(
     merge: str = "frequency",
     router: str = "reduce",
     router_rows: str = "lse",
+    oprune_budget: int = 100_000,
     calib: str | None = None,
     calib_samples: int = 32,
     calib_seq_len: int = 2048,
@@ -146,6 +152,13 @@ def reduce(
     check_linkage(linkage)
     if router not in ROUTER_MODES:
         raise MoemergeError(f"unknown router mode {router!r}; choose one of: {', '.join(ROUTER_MODES)}")
+    if router == "grouped" and method in PRUNING_METHODS:
+        raise MoemergeError(
+            f"--method {method} keeps whole experts, and --router reduce already routes exactly as the pruned "
+            "model (dropped experts masked out); use --router reduce"
+        )
+    if oprune_budget < 1:
+        raise MoemergeError(f"--oprune-budget {oprune_budget} must be at least 1")
     resolve_dtype(dtype)
     resolve_device(device)
     out = Path(out)
@@ -164,9 +177,10 @@ def reduce(
     layers = source.family.moe_layers(loaded)
     if not layers:
         raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to reduce")
-    sample = ROUTER_SAMPLE_TOKENS if router_rows == "lse" else 0
-    stats = collect_statistics(loaded, layers, calibration.sequences, router_sample=sample, progress=progress)
-    groups = plan_groups(stats, source.family, config, r, method, linkage, router)
+    outputs = OUTPUT_SAMPLE_TOKENS if method in NEEDS_EXPERT_OUTPUTS else 0
+    sample = ROUTER_SAMPLE_TOKENS if router_rows == "lse" or outputs else 0
+    stats = collect_statistics(loaded, layers, calibration.sequences, sample, progress, outputs)
+    groups = plan_groups(stats, source.family, config, r, method, linkage, router, oprune_budget, seed)
     params_before = sum(p.numel() for p in loaded.parameters())
     originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows, progress)
 
@@ -182,6 +196,7 @@ def reduce(
         "linkage": linkage,
         "merge": merge,
         "router_rows": router_rows,
+        "oprune_budget": oprune_budget,
         "calib": calib,
         "calib_samples": calib_samples,
         "calib_seq_len": calib_seq_len,
