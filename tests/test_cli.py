@@ -314,7 +314,7 @@ def test_pickle_weights_need_allow_pickle(tmp_path, capfd, calib):
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--experts", "4", "--linkage", "ward"],
+        ["--experts", "4", "--linkage", "centroid"],
         ["--experts", "4", "--merge", "median"],
         ["--experts", "4", "--router", "soft"],
         ["--experts", "4", "--router-rows", "mean"],

@@ -73,7 +73,7 @@ def test_labels_match_scipy_fcluster_on_random_features(method):
 def test_unknown_linkage_and_impossible_r_are_rejected():
     """An unknown linkage is a MoemergeError naming the choices; r outside 1..n is a ValueError."""
     x = np.zeros((4, 2))
-    for bad in ("nope", "ward", "centroid"):
+    for bad in ("nope", "median", "centroid"):
         with pytest.raises(MoemergeError, match="average") as err:
             hierarchical_labels(x, 2, bad)
         assert all(name in str(err.value) for name in LINKAGES)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from moemerge.errors import MoemergeError
-from moemerge.grouping import LINKAGES
+from moemerge.grouping import DISTANCES, KMEANS_INITS, LINKAGES, METRICS
 from moemerge.registry import names
 
 
@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--ratio", type=float, metavar="F", help="fraction of experts to keep per MoE layer")
     p.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
     p.add_argument("--method", default="hc-smoe", choices=names("method"))
+    p.add_argument("--metric", default="expert-output", choices=METRICS, help="hc-smoe: what experts are compared by")
+    p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="hc-smoe: distance between features")
+    p.add_argument("--cluster", default="hierarchical", choices=names("cluster"), help="hc-smoe: clustering algorithm")
     p.add_argument("--linkage", default="average", choices=LINKAGES, help="hierarchical clustering linkage")
+    p.add_argument("--kmeans-init", default="first", choices=KMEANS_INITS, help="k-means initial centres")
     p.add_argument("--merge", default="frequency", choices=names("merge"), help="how a group's weights are averaged")
     p.add_argument(
         "--router",
@@ -78,6 +82,10 @@ def _reduce(args: argparse.Namespace) -> None:
         experts=args.experts,
         ratio=args.ratio,
         method=args.method,
+        metric=args.metric,
+        distance=args.distance,
+        cluster=args.cluster,
+        kmeans_init=args.kmeans_init,
         linkage=args.linkage,
         merge=args.merge,
         router=args.router,

@@ -13,10 +13,11 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from moemerge.grouping import hierarchical_labels, labels_to_groups
-from moemerge.registry import register
+from moemerge.grouping import expert_features, hierarchical_labels, kmeans_labels, labels_to_groups
+from moemerge.registry import register, resolve
 from moemerge.statistics import LayerStatistics
 
 # Methods that keep whole experts: with them, --router reduce already routes exactly as the pruned model.
@@ -29,22 +30,39 @@ NEEDS_EXPERT_OUTPUTS = ("o-prune",)
 class MethodOptions:
     """Options of the methods; each reads the ones it needs.
 
-    linkage: hierarchical-clustering linkage (hc-smoe).
+    metric / distance / cluster / linkage / kmeans_init: how hc-smoe compares and clusters experts
+        (defaults: the paper's expert outputs, Euclidean, hierarchical, average linkage).
     oprune_budget: O-prune searches all subsets when there are at most this many, else this many
         random subsets.
-    seed: seed of O-prune's random subsets.
+    seed: seed of O-prune's random subsets and of k-means.
     """
 
+    metric: str = "expert-output"
+    distance: str = "euclidean"
+    cluster: str = "hierarchical"
     linkage: str = "average"
+    kmeans_init: str = "first"
     oprune_budget: int = 100_000
     seed: int = 0
 
 
+@register("cluster", "hierarchical")
+def _hierarchical(features: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+    return hierarchical_labels(features, r, options.linkage, options.distance)
+
+
+@register("cluster", "kmeans")
+def _kmeans(features: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+    return kmeans_labels(features, r, options.kmeans_init, options.distance, options.seed)
+
+
 @register("method", "hc-smoe")
 def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
-    """HC-SMoE: hierarchical clustering of the experts' mean outputs o_j (Euclidean), exactly r groups."""
-    features = stats.mean_output[experts].double().numpy()
-    return labels_to_groups(hierarchical_labels(features, r, options.linkage), ids=experts)
+    """HC-SMoE: cluster the experts by ``options.metric`` features (default: mean outputs o_j) into exactly r
+    groups with ``options.cluster`` (default: hierarchical, average linkage, Euclidean)."""
+    features = expert_features(stats, options.metric)[experts]
+    labels = resolve("cluster", options.cluster)(features, r, options)
+    return labels_to_groups(labels, ids=experts)
 
 
 def keep_highest(score: torch.Tensor, experts: list[int], r: int) -> list[list[int]]:

@@ -22,10 +22,10 @@ from moemerge.checkpoint import atomic_output, inspect_source, load_source, writ
 from moemerge.checkpoint.source import resolve_device, resolve_dtype
 from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
-from moemerge.grouping import check_linkage
+from moemerge.grouping import KMEANS_INITS, METRICS, check_linkage
 from moemerge.merging import member_weights, merge_experts
 from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions
-from moemerge.registry import resolve
+from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
 
@@ -77,10 +77,15 @@ def plan_groups(
     router: str = "reduce",
     oprune_budget: int = 100_000,
     seed: int = 0,
+    options: MethodOptions | None = None,
 ) -> dict[int, list[list[int]]]:
-    """Groups of original expert ids per decoder layer, r per layer, by the method named ``method``."""
+    """Groups of original expert ids per decoder layer, r per layer, by the method named ``method``.
+
+    ``options`` gives every method option at once; without it, ``linkage``, ``oprune_budget`` and
+    ``seed`` are used with the other defaults.
+    """
     choose = resolve("method", method)
-    options = MethodOptions(linkage=linkage, oprune_budget=oprune_budget, seed=seed)
+    options = options or MethodOptions(linkage=linkage, oprune_budget=oprune_budget, seed=seed)
     blocks = family.partitions(config, r, check_top_k=router == "reduce")
     plan = {}
     for layer, layer_stats in stats.items():
@@ -126,7 +131,11 @@ def reduce(
     experts: int | None = None,
     ratio: float | None = None,
     method: str = "hc-smoe",
+    metric: str = "expert-output",
+    distance: str = "euclidean",
+    cluster: str = "hierarchical",
     linkage: str = "average",
+    kmeans_init: str = "first",
     merge: str = "frequency",
     router: str = "reduce",
     router_rows: str = "lse",
@@ -147,9 +156,12 @@ def reduce(
     options; all input is checked before any work, and ``out`` appears only when complete.
     """
     start = time.perf_counter()
-    for kind, name in (("method", method), ("merge", merge), ("router-rows", router_rows)):
+    for kind, name in (("method", method), ("cluster", cluster), ("merge", merge), ("router-rows", router_rows)):
         resolve(kind, name)
-    check_linkage(linkage)
+    check_linkage(linkage, distance)
+    check_choice("metric", metric, METRICS)
+    check_choice("k-means init", kmeans_init, KMEANS_INITS)
+    options = MethodOptions(metric, distance, cluster, linkage, kmeans_init, oprune_budget, seed)
     if router not in ROUTER_MODES:
         raise MoemergeError(f"unknown router mode {router!r}; choose one of: {', '.join(ROUTER_MODES)}")
     if router == "grouped" and method in PRUNING_METHODS:
@@ -179,8 +191,17 @@ def reduce(
         raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to reduce")
     outputs = OUTPUT_SAMPLE_TOKENS if method in NEEDS_EXPERT_OUTPUTS else 0
     sample = ROUTER_SAMPLE_TOKENS if router_rows == "lse" or outputs else 0
-    stats = collect_statistics(loaded, layers, calibration.sequences, sample, progress, outputs)
-    groups = plan_groups(stats, source.family, config, r, method, linkage, router, oprune_budget, seed)
+    stats = collect_statistics(
+        loaded,
+        layers,
+        calibration.sequences,
+        sample,
+        progress,
+        outputs,
+        keep_router_logits=method == "hc-smoe" and metric == "router-logits",
+        weight_gram=method == "hc-smoe" and metric == "weight",
+    )
+    groups = plan_groups(stats, source.family, config, r, method, router=router, options=options)
     params_before = sum(p.numel() for p in loaded.parameters())
     originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows, progress)
 
@@ -193,7 +214,11 @@ def reduce(
     parameters = {
         "experts": r,
         "ratio": ratio,
+        "metric": metric,
+        "distance": distance,
+        "cluster": cluster,
         "linkage": linkage,
+        "kmeans_init": kmeans_init,
         "merge": merge,
         "router_rows": router_rows,
         "oprune_budget": oprune_budget,
@@ -245,5 +270,5 @@ def reduce(
 
 def package_versions() -> dict[str, str]:
     """Versions of Python and the packages that shape the output."""
-    names = ("moemerge", "torch", "transformers", "safetensors", "scipy", "numpy")
+    names = ("moemerge", "torch", "transformers", "safetensors", "scipy", "scikit-learn", "numpy")
     return {"python": platform.python_version()} | {name: metadata.version(name) for name in names}

@@ -7,7 +7,7 @@ clustering name; here an unknown name is always an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from moemerge.errors import MoemergeError
@@ -38,6 +38,11 @@ def names(kind: str) -> list[str]:
 def resolve(kind: str, name: str) -> Callable:
     """The function registered as ``name`` for ``kind``; unknown names raise MoemergeError."""
     table = _REGISTRY.get(kind, {})
-    if name not in table:
-        raise MoemergeError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
+    check_choice(kind, name, list(table))
     return table[name]
+
+
+def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
+    """Raise MoemergeError unless ``value`` is one of ``choices`` (option values that name no function)."""
+    if value not in choices:
+        raise MoemergeError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")

@@ -1,6 +1,18 @@
 """Grouping: expert features in, groups of expert ids out."""
 
+from moemerge.grouping.features import METRICS, expert_features
 from moemerge.grouping.groups import labels_to_groups
-from moemerge.grouping.hierarchical import LINKAGES, check_linkage, hierarchical_labels
+from moemerge.grouping.hierarchical import DISTANCES, LINKAGES, check_linkage, hierarchical_labels
+from moemerge.grouping.kmeans import KMEANS_INITS, kmeans_labels
 
-__all__ = ["LINKAGES", "check_linkage", "hierarchical_labels", "labels_to_groups"]
+__all__ = [
+    "DISTANCES",
+    "KMEANS_INITS",
+    "LINKAGES",
+    "METRICS",
+    "check_linkage",
+    "expert_features",
+    "hierarchical_labels",
+    "kmeans_labels",
+    "labels_to_groups",
+]

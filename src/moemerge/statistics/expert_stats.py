@@ -34,6 +34,8 @@ class LayerStatistics:
     router_inputs: [t, H] float32 hidden states at the router, every ``T/t``-th token, or None.
     router_logits: [t', n] float32 router logits, and expert_outputs: [t', n, H] float32 E_j(x) of
         every expert, for every ``t/t'``-th of those sampled tokens, or None.
+    router_logit_features: [n, T] float32 router logits of every expert on every token, or None.
+    weight_gram: [n, n] float64 Gram matrix of the experts' flattened (gate, up, down) weights, or None.
     """
 
     layer: int
@@ -47,6 +49,8 @@ class LayerStatistics:
     router_inputs: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     expert_outputs: torch.Tensor | None = None
+    router_logit_features: torch.Tensor | None = None
+    weight_gram: torch.Tensor | None = None
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -55,8 +59,18 @@ class LayerStatistics:
 
 
 class _LayerAccumulator:
-    def __init__(self, view: MoELayerView, total_tokens: int, router_sample: int, output_sample: int):
+    def __init__(
+        self,
+        view: MoELayerView,
+        total_tokens: int,
+        router_sample: int,
+        output_sample: int,
+        keep_router_logits: bool,
+        weight_gram: bool,
+    ):
         self.view = view
+        self.keep_router_logits, self.weight_gram = keep_router_logits, weight_gram
+        self.router_logits: list[torch.Tensor] = []
         n, intermediate = view.num_experts, view.block.experts.down_proj.shape[2]
         device = view.router_weight.device
         self.act_sum = torch.zeros(n, intermediate, dtype=torch.float64, device=device)
@@ -75,6 +89,8 @@ class _LayerAccumulator:
         n = len(self.counts)
         self.counts += torch.bincount(indices.reshape(-1), minlength=n)
         self.prob_sum += self.view.routing.scores(logits).sum(0, dtype=torch.float64)
+        if self.keep_router_logits:
+            self.router_logits.append(logits.float().T.cpu())
         gates = weights.float() / weights.float().sum(-1, keepdim=True)
         gate, up, down = self.view.expert_weights()
         for start in range(0, len(x), TOKEN_CHUNK):
@@ -106,6 +122,10 @@ class _LayerAccumulator:
             self.view.routing,
             None if bias is None else bias.detach().float().cpu(),
         )
+        if self.router_logits:
+            stats.router_logit_features = torch.cat(self.router_logits, dim=1)
+        if self.weight_gram:
+            stats.weight_gram = gram_of_weights(self.view).cpu()
         if self.router_inputs:
             stats.router_inputs = torch.cat(self.router_inputs)
         if self.output_sample and self.router_inputs:
@@ -114,6 +134,19 @@ class _LayerAccumulator:
             stats.router_logits = (x @ self.view.router_weight.T).float().cpu()
             stats.expert_outputs = expert_outputs(self.view, x).cpu()
         return stats
+
+
+def gram_of_weights(view: MoELayerView, columns: int = 1 << 20) -> torch.Tensor:
+    """[n, n] float64 inner products of the experts' flattened gate, up and down weights, built in column
+    chunks so that no float64 copy of a whole weight tensor is made."""
+    n = view.num_experts
+    gram = torch.zeros(n, n, dtype=torch.float64, device=view.router_weight.device)
+    for weight in view.expert_weights():
+        flat = weight.reshape(n, -1)
+        for start in range(0, flat.shape[1], columns):
+            block = flat[:, start : start + columns].double()
+            gram += block @ block.T
+    return gram
 
 
 def expert_outputs(view: MoELayerView, x: torch.Tensor) -> torch.Tensor:
@@ -134,14 +167,20 @@ def collect_statistics(
     router_sample: int = 0,
     progress: bool = True,
     output_sample: int = 0,
+    keep_router_logits: bool = False,
+    weight_gram: bool = False,
 ) -> dict[int, LayerStatistics]:
     """Run ``sequences`` (1-D token tensors) through ``model`` and return statistics per decoder layer.
 
     ``router_sample``: keep about this many router-input hidden states per layer (0: none).
     ``output_sample``: of those, keep router logits and every expert's output for about this many.
+    ``keep_router_logits``: keep every token's router logits (the router-logits metric).
+    ``weight_gram``: compute the Gram matrix of the expert weights (the weight metric).
     """
     total = sum(len(s) for s in sequences)
-    accumulators = [_LayerAccumulator(view, total, router_sample, output_sample) for view in layers]
+    accumulators = [
+        _LayerAccumulator(view, total, router_sample, output_sample, keep_router_logits, weight_gram) for view in layers
+    ]
     handles = [acc.view.block.register_forward_pre_hook(acc.hook) for acc in accumulators]
     device = next(model.parameters()).device
     try:

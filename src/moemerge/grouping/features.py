@@ -1,0 +1,32 @@
+"""What experts are compared by (``--metric``): one feature vector per expert, from the statistics.
+
+- ``expert-output``: o_j, the mean output over all calibration tokens (HC-SMoE's choice) [n, H];
+- ``router-logits``: expert j's router logit on every calibration token [n, T];
+- ``weight``: the flattened gate, up and down weights [n, 3IH], represented exactly (same
+  pairwise Euclidean distances and cosines) by an n-dimensional embedding of their Gram matrix,
+  so that no n x 3IH copy is ever made.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moemerge.registry import check_choice
+from moemerge.statistics import LayerStatistics
+
+METRICS = ("expert-output", "router-logits", "weight")
+
+
+def expert_features(stats: LayerStatistics, metric: str) -> np.ndarray:
+    """[n, d] float64 features of every expert of the layer under ``metric``."""
+    check_choice("metric", metric, METRICS)
+    if metric == "expert-output":
+        return stats.mean_output.double().numpy()
+    if metric == "router-logits":
+        if stats.router_logit_features is None:
+            raise ValueError("router-logits features need collect_statistics(..., keep_router_logits=True)")
+        return stats.router_logit_features.double().numpy()
+    if stats.weight_gram is None:
+        raise ValueError("weight features need collect_statistics(..., weight_gram=True)")
+    eigenvalues, vectors = np.linalg.eigh(stats.weight_gram.double().numpy())
+    return vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))

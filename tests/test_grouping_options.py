@@ -1,0 +1,164 @@
+"""hc-smoe's grouping options: metrics, distances, ward linkage and k-means, against independent oracles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, save_tiny, tiny_model
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+
+from moemerge.adapters import FAMILIES as ADAPTERS
+from moemerge.cli import main
+from moemerge.errors import MoemergeError
+from moemerge.grouping import expert_features, hierarchical_labels, kmeans_labels, labels_to_groups
+from moemerge.statistics import collect_statistics
+
+
+def partition(labels) -> set[frozenset[int]]:
+    return {frozenset(np.flatnonzero(np.asarray(labels) == c).tolist()) for c in np.unique(labels)}
+
+
+def statistics(family: str, **extras):
+    model = tiny_model(family)
+    adapter = ADAPTERS[model.config.model_type]
+    g = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 4096, (24,), generator=g) for _ in range(2)]
+    return model, adapter, collect_statistics(model, adapter.moe_layers(model), sequences, progress=False, **extras)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_features_keep_the_distances_of_the_flattened_weights(family):
+    """The weight metric's n-dimensional embedding has the pairwise Euclidean and cosine distances of the
+    flattened (gate, up, down) weights, computed directly with scipy."""
+    model, adapter, stats = statistics(family, weight_gram=True)
+    for view in adapter.moe_layers(model):
+        flat = torch.cat([w.detach().reshape(view.num_experts, -1) for w in view.expert_weights()], 1).double().numpy()
+        embedded = expert_features(stats[view.layer], "weight")
+        for metric in ("euclidean", "cosine"):
+            np.testing.assert_allclose(pdist(embedded, metric), pdist(flat, metric), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_logit_features_are_every_tokens_logits(family):
+    """router-logits features [n, T] equal x W_router^T over the captured MoE-block inputs of every token."""
+    model, adapter, stats = statistics(family, keep_router_logits=True)
+    captured = {}
+    hooks = [
+        v.block.register_forward_pre_hook(
+            lambda m, args, i=v.layer: captured.setdefault(i, []).append(
+                args[0].detach().reshape(-1, args[0].shape[-1])
+            )
+        )
+        for v in adapter.moe_layers(model)
+    ]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for seq in [torch.randint(0, 4096, (24,), generator=g) for _ in range(2)]:
+            model(input_ids=seq[None])
+    for hook in hooks:
+        hook.remove()
+    for view in adapter.moe_layers(model):
+        x = torch.cat(captured[view.layer]).double()
+        expected = (x @ view.router_weight.detach().double().T).T.numpy()
+        np.testing.assert_allclose(expert_features(stats[view.layer], "router-logits"), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["single", "complete", "average"])
+def test_cosine_hierarchical_equals_scipy_on_cosine_distances(method):
+    """Cosine-distance clustering equals scipy fcluster(maxclust) on the condensed cosine distances."""
+    x = np.random.default_rng(4).normal(size=(12, 5))
+    for r in range(1, 13):
+        oracle = fcluster(linkage(pdist(x, "cosine"), method=method), r, criterion="maxclust")
+        assert partition(hierarchical_labels(x, r, method, "cosine")) == partition(oracle)
+
+
+def test_ward_needs_euclidean_distance():
+    """Ward with cosine distance is refused with a MoemergeError that says what to use."""
+    with pytest.raises(MoemergeError, match="--distance euclidean"):
+        hierarchical_labels(np.zeros((4, 2)), 2, "ward", "cosine")
+
+
+def lloyd(x: np.ndarray, centres: np.ndarray, steps: int = 100) -> np.ndarray:
+    """Plain Lloyd iterations from ``centres`` until the assignment stops changing."""
+    labels = None
+    for _ in range(steps):
+        new = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        assert len(np.unique(labels)) == len(centres), "an empty cluster: this oracle has no rule for it"
+        centres = np.stack([x[labels == c].mean(0) for c in range(len(centres))])
+    return labels
+
+
+def test_kmeans_first_init_starts_from_the_first_r_experts():
+    """'first' init gives the partition of Lloyd's algorithm started at experts 0..r-1 (independent numpy code),
+    whatever the seed. scikit-learn relocates a cluster that empties and the oracle has no such rule, so the data
+    are noisy blobs in which none empties (the oracle asserts it); the first r experts lie in different blobs,
+    and in some trial the iterations move points away from their nearest initial centre (asserted)."""
+    rng = np.random.default_rng(0)
+    moved = 0
+    for trial in range(5):
+        r = 3 + trial % 3
+        centres = rng.normal(scale=3, size=(r, 3))
+        x = np.concatenate(
+            [centres + rng.normal(size=(r, 3)), centres[rng.integers(0, r, 12)] + rng.normal(size=(12, 3))]
+        )
+        final = lloyd(x, x[:r].copy())
+        moved += int((final != ((x[:, None] - x[None, :r]) ** 2).sum(-1).argmin(1)).sum())
+        expected = partition(final)
+        for seed in (0, 1, 7):
+            assert partition(kmeans_labels(x, r, "first", seed=seed)) == expected
+    assert moved > 0
+
+
+@pytest.mark.parametrize("init", ["random", "k-means++"])
+def test_kmeans_is_deterministic_for_a_seed(init):
+    """Seeded inits give identical labels on repeated runs, and r distinct clusters."""
+    x = np.random.default_rng(2).normal(size=(20, 4))
+    for seed in range(4):
+        first = kmeans_labels(x, 5, init, seed=seed)
+        assert np.array_equal(first, kmeans_labels(x, 5, init, seed=seed))
+        assert len(labels_to_groups(first)) == 5
+
+
+def test_kmeans_random_init_depends_on_the_seed():
+    """Different seeds of the random init reach different partitions on structureless data (some pair differs)."""
+    x = np.random.default_rng(3).normal(size=(30, 2))
+    partitions = {frozenset(partition(kmeans_labels(x, 6, "random", seed=seed))) for seed in range(8)}
+    assert len(partitions) > 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--metric", "router-logits"],
+        ["--metric", "weight", "--linkage", "ward"],
+        ["--cluster", "kmeans", "--kmeans-init", "k-means++", "--distance", "cosine"],
+    ],
+)
+def test_options_run_end_to_end(tmp_path, options):
+    """Each grouping option writes r groups per layer that partition the experts, and records itself."""
+    src = save_tiny("qwen2_moe", tmp_path / "src")
+    out = tmp_path / "out"
+    argv = ["reduce", str(src), "--experts", "4", "--out", str(out), "--quiet", "--calib-samples", "2"]
+    assert main([*argv, "--calib-seq-len", "32", *options]) == 0
+    meta = json.loads((out / "moemerge.json").read_text())
+    for entry in meta["layers"]:
+        assert len(entry["groups"]) == 4 and sorted(j for g in entry["groups"] for j in g) == list(range(8))
+    for flag, value in zip(options[::2], options[1::2], strict=True):
+        assert meta["parameters"][flag[2:].replace("-", "_")] == value
+
+
+def test_ward_with_cosine_is_a_one_line_error(tmp_path, capfd):
+    """--linkage ward --distance cosine exits 2 with one error line and writes nothing."""
+    src = save_tiny("mixtral", tmp_path / "src")
+    argv = ["reduce", str(src), "--experts", "4", "--out", str(tmp_path / "out"), "--linkage", "ward"]
+    assert main([*argv, "--distance", "cosine"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
