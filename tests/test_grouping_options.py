@@ -162,3 +162,48 @@ def test_ward_with_cosine_is_a_one_line_error(tmp_path, capfd):
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def single_shot_oracle(x: np.ndarray, counts: np.ndarray, r: int, distance: str) -> set[frozenset[int]]:
+    """Loops: dominants = r largest counts (ties: lower id); each other expert joins its nearest dominant."""
+    order = sorted(range(len(x)), key=lambda j: (-counts[j], j))
+    dominant = sorted(order[:r])
+    groups = {d: {d} for d in dominant}
+    for j in range(len(x)):
+        if j in groups:
+            continue
+        dist = [pdist(np.stack([x[j], x[d]]), distance)[0] for d in dominant]
+        groups[dominant[int(np.argmin(dist))]].add(j)
+    return {frozenset(g) for g in groups.values()}
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_single_shot_equals_a_loop_oracle(distance):
+    """single-shot labels equal the loop oracle, on random features and counts with ties, for every r."""
+    from moemerge.grouping import single_shot_labels
+
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        x = rng.normal(size=(10, 4))
+        counts = rng.integers(0, 4, size=10)
+        for r in range(1, 11):
+            assert partition(single_shot_labels(x, counts, r, distance)) == single_shot_oracle(x, counts, r, distance)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_m_smoe_groups_by_router_logit_cosine_around_the_most_used(family):
+    """m-smoe's groups are the single-shot oracle applied to the counts and to x W_router^T computed here."""
+    import moemerge
+
+    model, adapter, stats = statistics(family, keep_router_logits=True)
+    plan = moemerge.plan_groups(stats, adapter, model.config, 4, method="m-smoe")
+    blocks = [list(range(4)), list(range(4, 8))] if family == "deepseek_v3" else [list(range(8))]
+    for view in adapter.moe_layers(model):
+        s = stats[view.layer]
+        features = s.router_logit_features.double().numpy()
+        expected = set()
+        for block in blocks:
+            share = 4 // len(blocks)
+            inside = single_shot_oracle(features[block], s.counts[block].numpy(), share, "cosine")
+            expected |= {frozenset(block[i] for i in g) for g in inside}
+        assert {frozenset(g) for g in plan[view.layer]} == expected

@@ -492,7 +492,7 @@ def pruned_reference(family: str, kept: dict[int, list[int]]) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("method", [*PRUNING_METHODS, "hc-smoe"])
+@pytest.mark.parametrize("method", [*PRUNING_METHODS, "hc-smoe", "m-smoe"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_reduce_end_to_end(family, method, source, workdir, capfd):
     """CLI reduce: oracle's r one-member groups, bit-identical sliced tensors, loaded logits equal the sliced source."""

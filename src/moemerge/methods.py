@@ -11,12 +11,18 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from moemerge.grouping import expert_features, hierarchical_labels, kmeans_labels, labels_to_groups
+from moemerge.grouping import (
+    expert_features,
+    hierarchical_labels,
+    kmeans_labels,
+    labels_to_groups,
+    single_shot_labels,
+)
 from moemerge.registry import register, resolve
 from moemerge.statistics import LayerStatistics
 
@@ -46,14 +52,28 @@ class MethodOptions:
     seed: int = 0
 
 
+# Methods that are hc-smoe with other options: the name fixes them, whatever else was asked.
+PRESETS = {"m-smoe": {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"}}
+
+
+def method_options(method: str, options: MethodOptions) -> MethodOptions:
+    """The options ``method`` runs with: ``options`` with the method's preset applied."""
+    return replace(options, **PRESETS.get(method, {}))
+
+
 @register("cluster", "hierarchical")
-def _hierarchical(features: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+def _hierarchical(features: np.ndarray, counts: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
     return hierarchical_labels(features, r, options.linkage, options.distance)
 
 
 @register("cluster", "kmeans")
-def _kmeans(features: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+def _kmeans(features: np.ndarray, counts: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
     return kmeans_labels(features, r, options.kmeans_init, options.distance, options.seed)
+
+
+@register("cluster", "single-shot")
+def _single_shot(features: np.ndarray, counts: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+    return single_shot_labels(features, counts, r, options.distance)
 
 
 @register("method", "hc-smoe")
@@ -61,8 +81,16 @@ def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodO
     """HC-SMoE: cluster the experts by ``options.metric`` features (default: mean outputs o_j) into exactly r
     groups with ``options.cluster`` (default: hierarchical, average linkage, Euclidean)."""
     features = expert_features(stats, options.metric)[experts]
-    labels = resolve("cluster", options.cluster)(features, r, options)
+    labels = resolve("cluster", options.cluster)(features, stats.counts[experts].numpy(), r, options)
     return labels_to_groups(labels, ids=experts)
+
+
+@register("method", "m-smoe")
+def m_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+    """M-SMoE (Li et al. 2024) without its fine-tuning: the r most frequently selected experts are dominant, and
+    every other expert joins the dominant whose router logits over all calibration tokens are most similar
+    (cosine). The merge is ``--merge`` (frequency by default, as M-SMoE); MC-SMoE's compression is not applied."""
+    return hc_smoe(stats, experts, r, method_options("m-smoe", options))
 
 
 def keep_highest(score: torch.Tensor, experts: list[int], r: int) -> list[list[int]]:

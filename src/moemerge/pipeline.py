@@ -24,7 +24,7 @@ from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
 from moemerge.grouping import KMEANS_INITS, METRICS, check_linkage
 from moemerge.merging import member_weights, merge_experts
-from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions
+from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions, method_options
 from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
@@ -189,6 +189,7 @@ def reduce(
     layers = source.family.moe_layers(loaded)
     if not layers:
         raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to reduce")
+    effective, clusters = method_options(method, options), method not in PRUNING_METHODS
     outputs = OUTPUT_SAMPLE_TOKENS if method in NEEDS_EXPERT_OUTPUTS else 0
     sample = ROUTER_SAMPLE_TOKENS if router_rows == "lse" or outputs else 0
     stats = collect_statistics(
@@ -198,8 +199,8 @@ def reduce(
         sample,
         progress,
         outputs,
-        keep_router_logits=method == "hc-smoe" and metric == "router-logits",
-        weight_gram=method == "hc-smoe" and metric == "weight",
+        keep_router_logits=clusters and effective.metric == "router-logits",
+        weight_gram=clusters and effective.metric == "weight",
     )
     groups = plan_groups(stats, source.family, config, r, method, router=router, options=options)
     params_before = sum(p.numel() for p in loaded.parameters())
@@ -214,9 +215,9 @@ def reduce(
     parameters = {
         "experts": r,
         "ratio": ratio,
-        "metric": metric,
-        "distance": distance,
-        "cluster": cluster,
+        "metric": effective.metric,
+        "distance": effective.distance,
+        "cluster": effective.cluster,
         "linkage": linkage,
         "kmeans_init": kmeans_init,
         "merge": merge,

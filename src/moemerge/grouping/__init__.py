@@ -4,6 +4,7 @@ from moemerge.grouping.features import METRICS, expert_features
 from moemerge.grouping.groups import labels_to_groups
 from moemerge.grouping.hierarchical import DISTANCES, LINKAGES, check_linkage, hierarchical_labels
 from moemerge.grouping.kmeans import KMEANS_INITS, kmeans_labels
+from moemerge.grouping.single_shot import single_shot_labels
 
 __all__ = [
     "DISTANCES",
@@ -15,4 +16,5 @@ __all__ = [
     "hierarchical_labels",
     "kmeans_labels",
     "labels_to_groups",
+    "single_shot_labels",
 ]
