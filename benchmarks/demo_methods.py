@@ -27,8 +27,9 @@ from moemerge.statistics import collect_statistics
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
 from compare import perplexity
 
-VARIANTS = [
+VARIANTS = [  # (method, options, merge, align)
     ("hc-smoe", MethodOptions(), "frequency"),
+    ("hc-smoe", MethodOptions(), "frequency", True),
     ("hc-smoe", MethodOptions(linkage="single"), "frequency"),
     ("hc-smoe", MethodOptions(linkage="complete"), "frequency"),
     ("hc-smoe", MethodOptions(linkage="ward"), "frequency"),
@@ -36,6 +37,8 @@ VARIANTS = [
     ("hc-smoe", MethodOptions(metric="router-logits"), "frequency"),
     ("hc-smoe", MethodOptions(metric="weight"), "frequency"),
     ("hc-smoe", MethodOptions(cluster="kmeans"), "frequency"),
+    ("m-smoe", MethodOptions(), "frequency"),
+    ("m-smoe", MethodOptions(), "frequency", True),
     ("f-prune", MethodOptions(), "frequency"),
     ("s-prune", MethodOptions(), "frequency"),
     ("reap", MethodOptions(), "frequency"),
@@ -43,12 +46,11 @@ VARIANTS = [
 ]
 
 
-def describe(method: str, options: MethodOptions, merge: str) -> str:
-    if method != "hc-smoe":
-        return method
+def describe(method: str, options: MethodOptions, merge: str, align: bool) -> str:
     default = MethodOptions()
     changed = [f"{k}={v}" for k, v in vars(options).items() if v != vars(default)[k]]
-    return ", ".join([method, *changed, *([f"merge={merge}"] if merge != "frequency" else [])])
+    extra = [f"merge={merge}"] if merge != "frequency" else []
+    return ", ".join([method, *changed, *extra, *(["align"] if align else [])])
 
 
 def main() -> None:
@@ -74,11 +76,12 @@ def main() -> None:
     )
     rows = [f"| original | {family.num_experts(model.config)} | {perplexity(model, ids):.2f} | - |"]
     for r in args.experts:
-        for method, options, merge in VARIANTS:
+        for method, options, merge, *align in VARIANTS:
+            align = bool(align)
             reduced = copy.deepcopy(model)
             start = time.perf_counter()
             groups = moemerge.plan_groups(stats, family, model.config, r, method, options=options)
-            moemerge.apply_groups(reduced, family, stats, groups, merge=merge, router_rows_rule="lse")
+            moemerge.apply_groups(reduced, family, stats, groups, merge=merge, router_rows_rule="lse", align=align)
             seconds = time.perf_counter() - start
             rows.append(
                 f"| {describe(method, options, merge)} | {r} | {perplexity(reduced, ids):.2f} | {seconds:.2f} |"

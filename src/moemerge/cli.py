@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-init", default="first", choices=KMEANS_INITS, help="k-means initial centres")
     p.add_argument("--merge", default="frequency", choices=names("merge"), help="how a group's weights are averaged")
     p.add_argument(
+        "--align",
+        action="store_true",
+        help="permute each group member's neurons to match the group's most used expert before merging (Hungarian)",
+    )
+    p.add_argument(
         "--router",
         default="reduce",
         choices=["reduce", "grouped"],
@@ -88,6 +93,7 @@ def _reduce(args: argparse.Namespace) -> None:
         kmeans_init=args.kmeans_init,
         linkage=args.linkage,
         merge=args.merge,
+        align=args.align,
         router=args.router,
         router_rows=args.router_rows,
         oprune_budget=args.oprune_budget,

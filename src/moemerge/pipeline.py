@@ -23,7 +23,7 @@ from moemerge.checkpoint.source import resolve_device, resolve_dtype
 from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
 from moemerge.grouping import KMEANS_INITS, METRICS, check_linkage
-from moemerge.merging import member_weights, merge_experts
+from moemerge.merging import align_groups, member_weights, merge_experts
 from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions, method_options
 from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
@@ -102,11 +102,13 @@ def apply_groups(
     merge: str = "frequency",
     router_rows_rule: str = "frequency",
     progress: bool = False,
+    align: bool = False,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router.
 
     ``router_rows_rule`` defaults to "frequency" here because "lse" (the default of :func:`reduce`)
-    needs statistics collected with ``router_sample > 0``.
+    needs statistics collected with ``router_sample > 0``. ``align``: permute every member of a
+    group to match its dominant member before merging (see :mod:`moemerge.merging.alignment`).
 
     Returns the original routers, per decoder layer (weight [n, H], selection bias [n] or None),
     which grouped routing keeps.
@@ -116,7 +118,10 @@ def apply_groups(
         layer_groups, layer_stats = groups[view.layer], stats[view.layer]
         bias = view.selection_bias
         originals[view.layer] = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
-        merged = merge_experts(view.expert_weights(), layer_groups, member_weights(merge, layer_stats, layer_groups))
+        weights = view.expert_weights()
+        if align:
+            weights = align_groups(*weights, layer_groups, layer_stats.counts)
+        merged = merge_experts(weights, layer_groups, member_weights(merge, layer_stats, layer_groups))
         weight, new_bias = build_router_rows(router_rows_rule, view.router_weight, bias, layer_groups, layer_stats)
         view.set_experts(*merged)
         view.set_router(weight, new_bias)
@@ -137,6 +142,7 @@ def reduce(
     linkage: str = "average",
     kmeans_init: str = "first",
     merge: str = "frequency",
+    align: bool = False,
     router: str = "reduce",
     router_rows: str = "lse",
     oprune_budget: int = 100_000,
@@ -204,7 +210,7 @@ def reduce(
     )
     groups = plan_groups(stats, source.family, config, r, method, router=router, options=options)
     params_before = sum(p.numel() for p in loaded.parameters())
-    originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows, progress)
+    originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows, progress, align)
 
     sidecar = None
     if router == "grouped":
@@ -221,6 +227,7 @@ def reduce(
         "linkage": linkage,
         "kmeans_init": kmeans_init,
         "merge": merge,
+        "align": align,
         "router_rows": router_rows,
         "oprune_budget": oprune_budget,
         "calib": calib,
