@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/demo_methods.py MODEL HELDOUT.txt [--experts R ...] [--out results.md]
 
-Calibration: the bundled corpus, 32 x 2048 tokens; router rows: lse (the default). A quick
+Calibration: the bundled corpus, 32 x 2048 tokens; router rows: lse (the default); mc-smoe with
+the CLI's default rank (I/4) and sparsity (0.9). A quick
 comparison for the demo model, not the quality benchmark (that one covers several trained
 models, domains and fidelity metrics).
 """
@@ -21,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import moemerge
 from moemerge.adapters import FAMILIES
 from moemerge.calibration import load_calibration
-from moemerge.methods import MethodOptions
+from moemerge.methods import COMPRESSING_METHODS, MethodOptions
+from moemerge.pipeline import compress_experts
 from moemerge.statistics import collect_statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
@@ -39,6 +41,7 @@ VARIANTS = [  # (method, options, merge, align)
     ("hc-smoe", MethodOptions(cluster="kmeans"), "frequency"),
     ("m-smoe", MethodOptions(), "frequency"),
     ("m-smoe", MethodOptions(), "frequency", True),
+    ("mc-smoe", MethodOptions(), "frequency"),
     ("f-prune", MethodOptions(), "frequency"),
     ("s-prune", MethodOptions(), "frequency"),
     ("reap", MethodOptions(), "frequency"),
@@ -82,9 +85,12 @@ def main() -> None:
             start = time.perf_counter()
             groups = moemerge.plan_groups(stats, family, model.config, r, method, options=options)
             moemerge.apply_groups(reduced, family, stats, groups, merge=merge, router_rows_rule="lse", align=align)
+            if method in COMPRESSING_METHODS:
+                intermediate = family.moe_layers(reduced)[0].block.experts.down_proj.shape[2]
+                compress_experts(family.moe_layers(reduced), rank=intermediate // 4, sparsity=0.9)
             seconds = time.perf_counter() - start
             rows.append(
-                f"| {describe(method, options, merge)} | {r} | {perplexity(reduced, ids):.2f} | {seconds:.2f} |"
+                f"| {describe(method, options, merge, align)} | {r} | {perplexity(reduced, ids):.2f} | {seconds:.2f} |"
             )
     table = "\n".join(
         [

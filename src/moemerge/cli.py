@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="permute each group member's neurons to match the group's most used expert before merging (Hungarian)",
     )
+    p.add_argument("--rank", type=int, metavar="K", help="mc-smoe: rank of each compressed matrix (default I/4)")
+    p.add_argument(
+        "--sparsity", type=float, default=0.9, help="mc-smoe: share of the low-rank residual set to zero (default 0.9)"
+    )
     p.add_argument(
         "--router",
         default="reduce",
@@ -94,6 +98,8 @@ def _reduce(args: argparse.Namespace) -> None:
         linkage=args.linkage,
         merge=args.merge,
         align=args.align,
+        rank=args.rank,
+        sparsity=args.sparsity,
         router=args.router,
         router_rows=args.router_rows,
         oprune_budget=args.oprune_budget,
@@ -116,6 +122,9 @@ def _reduce(args: argparse.Namespace) -> None:
     print(
         f"weights on disk: {result.bytes_before:,} -> {result.bytes_after:,} bytes ({_change(result.bytes_before, result.bytes_after)})"
     )
+    if result.stored_params is not None:
+        stored = result.stored_params
+        print(f"stored as low-rank + sparse factors: {stored:,} parameters ({_change(result.params_before, stored)})")
     print(f"calibration: {result.calibration_tokens:,} tokens; took {result.seconds:.1f} s")
 
 

@@ -53,7 +53,12 @@ class MethodOptions:
 
 
 # Methods that are hc-smoe with other options: the name fixes them, whatever else was asked.
-PRESETS = {"m-smoe": {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"}}
+PRESETS = {
+    "m-smoe": {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"},
+    "mc-smoe": {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"},
+}
+# Methods whose merged experts are then compressed to low-rank plus sparse (merging.low_rank).
+COMPRESSING_METHODS = ("mc-smoe",)
 
 
 def method_options(method: str, options: MethodOptions) -> MethodOptions:
@@ -151,3 +156,10 @@ def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodO
         if error < best_error:
             best, best_error = subset, error
     return [[j] for j in sorted(best)]
+
+
+@register("method", "mc-smoe")
+def mc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+    """MC-SMoE (Li et al. 2024) without its distillation: M-SMoE's groups; the pipeline then compresses every
+    merged expert to low-rank plus sparse (``--rank``, ``--sparsity``)."""
+    return hc_smoe(stats, experts, r, method_options("mc-smoe", options))

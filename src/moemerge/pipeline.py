@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
@@ -23,20 +24,38 @@ from moemerge.checkpoint.source import resolve_device, resolve_dtype
 from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
 from moemerge.grouping import KMEANS_INITS, METRICS, check_linkage
-from moemerge.merging import align_groups, member_weights, merge_experts
-from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions, method_options
+from moemerge.merging import (
+    align_groups,
+    factor_count,
+    low_rank_plus_sparse,
+    member_weights,
+    merge_experts,
+    reconstruct,
+)
+from moemerge.methods import (
+    COMPRESSING_METHODS,
+    NEEDS_EXPERT_OUTPUTS,
+    PRUNING_METHODS,
+    MethodOptions,
+    method_options,
+)
 from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
 
 ROUTER_MODES = ("reduce", "grouped")
+LOWRANK_FILE = "moemerge_lowrank.safetensors"
 ROUTER_SAMPLE_TOKENS = 8192
 OUTPUT_SAMPLE_TOKENS = 512
 
 
 @dataclass
 class ReduceResult:
-    """What :func:`reduce` did: where, which groups per decoder layer, and the size change."""
+    """What :func:`reduce` did: where, which groups per decoder layer, and the size change.
+
+    stored_params: for mc-smoe, the parameters if the compressed experts are kept as their
+    low-rank and sparse factors (params_after counts them as the dense matrices written).
+    """
 
     out: Path
     groups: dict[int, list[list[int]]]
@@ -48,6 +67,7 @@ class ReduceResult:
     bytes_after: int
     calibration_tokens: int
     seconds: float
+    stored_params: int | None = None
 
 
 def target_experts(n: int, experts: int | None, ratio: float | None) -> int:
@@ -129,6 +149,39 @@ def apply_groups(
     return originals
 
 
+@torch.no_grad()
+def compress_experts(
+    layers: list, rank: int, sparsity: float, progress: bool = False
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Replace every expert matrix of ``layers`` (MoELayerView list) by its low-rank plus sparse reconstruction.
+
+    Returns the factors (sidecar tensors, keyed ``layers.{l}.experts.{e}.{gate|up|down}.{left|right|indices|values}``)
+    and by how many numbers the factors are smaller than the dense matrices they replace.
+    """
+    factors, saved = {}, 0
+    for view in tqdm(layers, desc="compressing", unit="layer", disable=not progress):
+        rebuilt = []
+        for name, weights in zip(("gate", "up", "down"), view.expert_weights(), strict=True):
+            out = torch.empty_like(weights)
+            for e in range(view.num_experts):
+                # stored in the model's dtype (indices as int32), and the dense matrix rebuilt from what is stored
+                left, right, indices, values = low_rank_plus_sparse(weights[e], rank, sparsity)
+                left, right, values = (t.to(weights.dtype) for t in (left, right, values))
+                indices = indices.to(torch.int32)
+                out[e] = reconstruct(left, right, indices.long(), values, tuple(weights[e].shape)).to(out)
+                key = f"layers.{view.layer}.experts.{e}.{name}"
+                factors |= {
+                    f"{key}.left": left,
+                    f"{key}.right": right,
+                    f"{key}.indices": indices,
+                    f"{key}.values": values,
+                }
+                saved += weights[e].numel() - factor_count(left, right, values)
+            rebuilt.append(out)
+        view.set_experts(*rebuilt)
+    return factors, saved
+
+
 def reduce(
     model: str | Path,
     out: str | Path,
@@ -143,6 +196,8 @@ def reduce(
     kmeans_init: str = "first",
     merge: str = "frequency",
     align: bool = False,
+    rank: int | None = None,
+    sparsity: float = 0.9,
     router: str = "reduce",
     router_rows: str = "lse",
     oprune_budget: int = 100_000,
@@ -177,6 +232,8 @@ def reduce(
         )
     if oprune_budget < 1:
         raise MoemergeError(f"--oprune-budget {oprune_budget} must be at least 1")
+    if (rank is not None and rank < 1) or not 0 <= sparsity <= 1:
+        raise MoemergeError(f"--rank ({rank}) must be at least 1 and --sparsity ({sparsity}) between 0 and 1")
     resolve_dtype(dtype)
     resolve_device(device)
     out = Path(out)
@@ -212,6 +269,13 @@ def reduce(
     params_before = sum(p.numel() for p in loaded.parameters())
     originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows, progress, align)
 
+    stored_params = compression = None
+    if method in COMPRESSING_METHODS:
+        rank = rank or layers[0].block.experts.down_proj.shape[2] // 4
+        lowrank, saved = compress_experts(layers, rank, sparsity, progress)
+        stored_params = sum(p.numel() for p in loaded.parameters()) - saved
+        compression = {"rank": rank, "sparsity": sparsity, "stored_parameters": stored_params, "file": LOWRANK_FILE}
+
     sidecar = None
     if router == "grouped":
         sidecar = {f"layers.{layer}.weight": w for layer, (w, _) in originals.items()}
@@ -228,6 +292,8 @@ def reduce(
         "kmeans_init": kmeans_init,
         "merge": merge,
         "align": align,
+        "rank": rank,
+        "sparsity": sparsity,
         "router_rows": router_rows,
         "oprune_budget": oprune_budget,
         "calib": calib,
@@ -259,8 +325,12 @@ def reduce(
             {"layer": layer, "groups": groups[layer], "frequency": stats[layer].frequency.tolist()} for layer in groups
         ],
     }
+    if compression:
+        meta["compression"] = compression
     with atomic_output(out, force) as tmp:
         write_checkpoint(loaded, source.path, tmp, meta, sidecar)
+        if compression:
+            save_file(lowrank, tmp / LOWRANK_FILE)
         bytes_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     return ReduceResult(
         out=out,
@@ -273,6 +343,7 @@ def reduce(
         bytes_after=bytes_after,
         calibration_tokens=calibration.num_tokens,
         seconds=time.perf_counter() - start,
+        stored_params=stored_params,
     )
 
 
