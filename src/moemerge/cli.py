@@ -7,6 +7,7 @@ import sys
 
 from moemerge.errors import MoemergeError
 from moemerge.grouping import DISTANCES, KMEANS_INITS, LINKAGES, METRICS
+from moemerge.pipeline import ROUTER_MODES, reduce  # importing the pipeline registers every method
 from moemerge.registry import names
 
 
@@ -18,8 +19,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import moemerge  # noqa: F401  (registers the methods, so that their names are the choices)
-
     parser = _Parser(
         prog="moemerge", description="Reduce the experts of a Mixture-of-Experts model without retraining."
     )
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--router",
         default="reduce",
-        choices=["reduce", "grouped"],
+        choices=ROUTER_MODES,
         help="reduce: standard checkpoint with an r-row router; grouped: keep the original router (load with moemerge.load_model)",
     )
     p.add_argument(
@@ -71,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=2048, metavar="L", help="tokens per sequence (default 2048)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration sample, k-means and o-prune's random subsets"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -80,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reduce(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
-
-    from moemerge.pipeline import reduce
 
     if args.quiet:
         hf_logging.disable_progress_bar()

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from moemerge.adapters import MoEFamily
+from moemerge.adapters import MoEFamily, MoELayerView
 from moemerge.calibration import load_calibration
 from moemerge.checkpoint import atomic_output, inspect_source, load_source, write_checkpoint
 from moemerge.checkpoint.source import resolve_device, resolve_dtype
@@ -151,9 +151,9 @@ def apply_groups(
 
 @torch.no_grad()
 def compress_experts(
-    layers: list, rank: int, sparsity: float, progress: bool = False
+    layers: list[MoELayerView], rank: int, sparsity: float, progress: bool = False
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Replace every expert matrix of ``layers`` (MoELayerView list) by its low-rank plus sparse reconstruction.
+    """Replace every expert matrix of ``layers`` by its low-rank plus sparse reconstruction, in place.
 
     Returns the factors (sidecar tensors, keyed ``layers.{l}.experts.{e}.{gate|up|down}.{left|right|indices|values}``)
     and by how many numbers the factors are smaller than the dense matrices they replace.
