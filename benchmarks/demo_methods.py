@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit_table  # benchmarks/ is on sys.path when a script here runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moemerge
@@ -92,17 +93,12 @@ def main() -> None:
             rows.append(
                 f"| {describe(method, options, merge, align)} | {r} | {perplexity(reduced, ids):.2f} | {seconds:.2f} |"
             )
-    table = "\n".join(
-        [
-            f"Model {args.model}, held-out {args.heldout} ({len(ids)} tokens), router rows lse\n",
-            "| method | experts | held-out perplexity | plan + merge (s) |",
-            "|---|---|---|---|",
-            *rows,
-        ]
+    emit_table(
+        f"Model {args.model}, held-out {args.heldout} ({len(ids)} tokens), router rows lse",
+        ["method", "experts", "held-out perplexity", "plan + merge (s)"],
+        rows,
+        args.out,
     )
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

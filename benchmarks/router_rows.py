@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import torch
+from report import emit_table  # benchmarks/ is on sys.path when a script here runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moemerge
@@ -83,17 +84,12 @@ def main() -> None:
             rows.append(
                 f"| reduce, {rule} rows | {r} | {perplexity(lp, ids):.3f} | {kl(grouped, lp):.4f} | {kl(original, lp):.4f} |"
             )
-    table = "\n".join(
-        [
-            f"Model {args.model}, held-out {args.heldout} ({len(ids)} tokens)\n",
-            "| routing | experts | perplexity | KL(grouped ‖ this) | KL(original ‖ this) |",
-            "|---|---|---|---|---|",
-            *rows,
-        ]
+    emit_table(
+        f"Model {args.model}, held-out {args.heldout} ({len(ids)} tokens)",
+        ["routing", "experts", "perplexity", "KL(grouped ‖ this)", "KL(original ‖ this)"],
+        rows,
+        args.out,
     )
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
