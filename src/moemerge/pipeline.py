@@ -13,14 +13,13 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from moemerge.adapters import MoEFamily, MoELayerView
 from moemerge.calibration import load_calibration
 from moemerge.checkpoint import atomic_output, inspect_source, load_source, write_checkpoint
-from moemerge.checkpoint.source import resolve_device, resolve_dtype
+from moemerge.checkpoint.source import LOWRANK_FILE, SIDECAR, resolve_device, resolve_dtype
 from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
 from moemerge.grouping import KMEANS_INITS, METRICS, check_linkage
@@ -44,7 +43,6 @@ from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
 
 ROUTER_MODES = ("reduce", "grouped")
-LOWRANK_FILE = "moemerge_lowrank.safetensors"
 ROUTER_SAMPLE_TOKENS = 8192
 OUTPUT_SAMPLE_TOKENS = 512
 
@@ -155,7 +153,7 @@ def compress_experts(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Replace every expert matrix of ``layers`` by its low-rank plus sparse reconstruction, in place.
 
-    Returns the factors (sidecar tensors, keyed ``layers.{l}.experts.{e}.{gate|up|down}.{left|right|indices|values}``)
+    Returns the factors (for ``moemerge_lowrank.safetensors``, keyed ``layers.{l}.experts.{e}.{gate|up|down}.{left|right|indices|values}``)
     and by how many numbers the factors are smaller than the dense matrices they replace.
     """
     factors, saved = {}, 0
@@ -276,12 +274,13 @@ def reduce(
         stored_params = sum(p.numel() for p in loaded.parameters()) - saved
         compression = {"rank": rank, "sparsity": sparsity, "stored_parameters": stored_params, "file": LOWRANK_FILE}
 
-    sidecar = None
+    tensor_files = {LOWRANK_FILE: lowrank} if compression else {}
     if router == "grouped":
-        sidecar = {f"layers.{layer}.weight": w for layer, (w, _) in originals.items()}
-        sidecar |= {
+        routers = {f"layers.{layer}.weight": w for layer, (w, _) in originals.items()}
+        routers |= {
             f"layers.{layer}.e_score_correction_bias": b for layer, (_, b) in originals.items() if b is not None
         }
+        tensor_files[SIDECAR] = routers
     parameters = {
         "experts": r,
         "ratio": ratio,
@@ -328,9 +327,7 @@ def reduce(
     if compression:
         meta["compression"] = compression
     with atomic_output(out, force) as tmp:
-        write_checkpoint(loaded, source.path, tmp, meta, sidecar)
-        if compression:
-            save_file(lowrank, tmp / LOWRANK_FILE)
+        write_checkpoint(loaded, source.path, tmp, meta, tensor_files)
         bytes_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     return ReduceResult(
         out=out,

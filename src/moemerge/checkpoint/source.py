@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moemerge.adapters import MoEFamily, family_for
 from moemerge.errors import MoemergeError
 
-SIDECAR = "moemerge_router.safetensors"
+SIDECAR = "moemerge_router.safetensors"  # the original routers of a --router grouped output
+LOWRANK_FILE = "moemerge_lowrank.safetensors"  # mc-smoe's low-rank and sparse factors
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,7 +45,7 @@ def inspect_source(path: str | Path, allow_pickle: bool = False) -> SourceModel:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoemergeError(f"{path / 'config.json'} is not valid JSON ({err})") from None
     family = family_for(config)
-    weights = sorted(p for p in path.glob("*.safetensors") if p.name != SIDECAR)
+    weights = sorted(p for p in path.glob("*.safetensors") if p.name not in (SIDECAR, LOWRANK_FILE))
     if weights:
         for file in weights:
             check_safetensors(file)

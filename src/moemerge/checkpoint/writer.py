@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moemerge.checkpoint.source import SIDECAR
 from moemerge.errors import MoemergeError
 
 MAX_SHARD_SIZE = "2GB"
@@ -73,17 +72,17 @@ def write_checkpoint(
     source_dir: Path,
     out_dir: Path,
     metadata: dict,
-    sidecar: dict[str, torch.Tensor] | None = None,
+    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Save ``model`` (sharded above 2 GB), the source's tokenizer and generation files, ``moemerge.json``,
-    and, for grouped routing, the original routers in ``moemerge_router.safetensors``."""
+    and moemerge's own tensor files (file name -> tensors), e.g. the original routers of grouped routing."""
     model.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
     for pattern in COPIED_FILES:
         for file in sorted(source_dir.glob(pattern)):
             if file.is_file():
                 shutil.copyfile(file, out_dir / file.name)
-    if sidecar:
-        save_file({k: v.contiguous().cpu() for k, v in sidecar.items()}, out_dir / SIDECAR)
+    for name, tensors in (tensor_files or {}).items():
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, out_dir / name)
     (out_dir / "moemerge.json").write_text(format_metadata(metadata), encoding="utf-8")
 
 
