@@ -53,10 +53,8 @@ class MethodOptions:
 
 
 # Methods that are hc-smoe with other options: the name fixes them, whatever else was asked.
-PRESETS = {
-    "m-smoe": {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"},
-    "mc-smoe": {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"},
-}
+M_SMOE_GROUPING = {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"}
+PRESETS = {"m-smoe": M_SMOE_GROUPING, "mc-smoe": M_SMOE_GROUPING}
 # Methods whose merged experts are then compressed to low-rank plus sparse (merging.low_rank).
 COMPRESSING_METHODS = ("mc-smoe",)
 

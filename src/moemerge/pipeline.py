@@ -220,7 +220,15 @@ def reduce(
     check_linkage(linkage, distance)
     check_choice("metric", metric, METRICS)
     check_choice("k-means init", kmeans_init, KMEANS_INITS)
-    options = MethodOptions(metric, distance, cluster, linkage, kmeans_init, oprune_budget, seed)
+    options = MethodOptions(
+        metric=metric,
+        distance=distance,
+        cluster=cluster,
+        linkage=linkage,
+        kmeans_init=kmeans_init,
+        oprune_budget=oprune_budget,
+        seed=seed,
+    )
     if router not in ROUTER_MODES:
         raise MoemergeError(f"unknown router mode {router!r}; choose one of: {', '.join(ROUTER_MODES)}")
     if router == "grouped" and method in PRUNING_METHODS:

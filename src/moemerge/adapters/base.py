@@ -112,10 +112,10 @@ class MoELayerView:
         gate, up = self.block.experts.gate_up_proj.chunk(2, dim=1)
         return gate, up, self.block.experts.down_proj
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Top-k expert indices [T, k] for hidden states ``x`` [T, H], by the model's own router."""
-        _, _, indices = self.block.gate(x)
-        return indices
+    def intermediate(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """[T, I] float32 act_j(x) = act(x gate_j^T) * (x up_j^T) of expert j on hidden states ``x`` [T, H]."""
+        gate, up, _ = self.expert_weights()
+        return self.act_fn(x @ gate[j].T).float() * (x @ up[j].T).float()
 
     def set_experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Replace the experts by ``gate``/``up`` [r, I, H] and ``down`` [r, H, I]."""

@@ -92,12 +92,12 @@ class _LayerAccumulator:
         if self.keep_router_logits:
             self.router_logits.append(logits.float().T.cpu())
         gates = weights.float() / weights.float().sum(-1, keepdim=True)
-        gate, up, down = self.view.expert_weights()
+        down = self.view.block.experts.down_proj
         for start in range(0, len(x), TOKEN_CHUNK):
             chunk, chunk_ids = x[start : start + TOKEN_CHUNK], indices[start : start + TOKEN_CHUNK]
             chunk_gates = gates[start : start + TOKEN_CHUNK]
             for j in range(n):
-                act = self.view.act_fn(chunk @ gate[j].T).float() * (chunk @ up[j].T).float()
+                act = self.view.intermediate(chunk, j)
                 self.act_sum[j] += act.sum(0, dtype=torch.float64)
                 token, slot = (chunk_ids == j).nonzero(as_tuple=True)
                 if len(token):
@@ -151,11 +151,8 @@ def gram_of_weights(view: MoELayerView, columns: int = 1 << 20) -> torch.Tensor:
 
 def expert_outputs(view: MoELayerView, x: torch.Tensor) -> torch.Tensor:
     """[t, n, H] float32 E_j(x) of every expert of ``view`` on hidden states ``x`` [t, H]."""
-    gate, up, down = view.expert_weights()
-    outputs = [
-        ((view.act_fn(x @ gate[j].T).float() * (x @ up[j].T).float()).to(down.dtype) @ down[j].T).float()
-        for j in range(view.num_experts)
-    ]
+    down = view.block.experts.down_proj
+    outputs = [(view.intermediate(x, j).to(down.dtype) @ down[j].T).float() for j in range(view.num_experts)]
     return torch.stack(outputs, dim=1)
 
 
