@@ -72,7 +72,7 @@ def read_rdb(path: Path) -> list[list[str]]:
     return objects
 
 
-def _unpack_deb(name: str, into: Path) -> Path:
+def unpack_deb(name: str, into: Path) -> Path:
     subprocess.run(["apt-get", "download", name], cwd=into, check=True, capture_output=True)
     deb = next(into.glob(f"{name}_*.deb"))
     root = into / name
@@ -84,12 +84,12 @@ def main(out_dir: str) -> None:
     out = Path(out_dir)
     (out / "austen").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        root = _unpack_deb("r-cran-janeaustenr", Path(tmp))
+        root = unpack_deb("r-cran-janeaustenr", Path(tmp))
         rdb = next(root.rglob("janeaustenr/data/Rdata.rdb"))
         # The index (.rdx) lists objects alphabetically, and so are they stored.
         for name, lines in zip(AUSTEN_NOVELS, read_rdb(rdb), strict=True):
             (out / "austen" / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        root = _unpack_deb("python3.11-doc", Path(tmp))
+        root = unpack_deb("python3.11-doc", Path(tmp))
         sources = sorted(next(root.rglob("html/_sources")).rglob("*.rst.txt"))
         text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sources)
         (out / "python_docs.txt").write_text(text, encoding="utf-8")

@@ -303,3 +303,28 @@ def test_hf_spec_failures_are_moemerge_errors(monkeypatch, tokenizer, rows, erro
     monkeypatch.setitem(sys.modules, "datasets", module)
     with pytest.raises(MoemergeError):
         load_calibration("hf:org/set", tokenizer, samples=1, seq_len=4)
+
+
+def test_gzipped_files_read_as_their_plain_text(tmp_path, tokenizer):
+    """.txt.gz and .jsonl.gz give the spec windows of the decompressed text."""
+    text = "\n".join(DOCS)
+    (tmp_path / "corpus.txt.gz").write_bytes(gzip.compress(text.encode("utf-8")))
+    rows = "".join(json.dumps({"text": d}) + "\n" for d in DOCS)
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(rows.encode("utf-8")))
+    calib = load_calibration(str(tmp_path / "corpus.txt.gz"), tokenizer, samples=4, seq_len=20, seed=11)
+    assert as_lists(calib) == spec_windows(stream_of([text], tokenizer), 4, 20, seed=11)
+    calib = load_calibration(str(tmp_path / "docs.jsonl.gz"), tokenizer, samples=5, seq_len=16, seed=3)
+    assert as_lists(calib) == spec_windows(stream_of(DOCS, tokenizer), 5, 16, seed=3)
+
+
+@pytest.mark.parametrize("name", ["corpus.gz", "corpus.csv.gz", "corpus.txt.bz2"])
+def test_other_suffixes_are_refused(tmp_path, tokenizer, name):
+    (tmp_path / name).write_bytes(gzip.compress(b"text"))
+    with pytest.raises(MoemergeError, match=r"must end in \.txt or \.jsonl"):
+        load_calibration(str(tmp_path / name), tokenizer, samples=1, seq_len=2)
+
+
+def test_corrupt_gzip_is_a_clean_error(tmp_path, tokenizer):
+    (tmp_path / "corpus.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(MoemergeError, match="not a readable gzip file"):
+        load_calibration(str(tmp_path / "corpus.txt.gz"), tokenizer, samples=1, seq_len=2)

@@ -156,27 +156,7 @@ def compare(
         for r in experts:
             for variant in variants:
                 start = time.perf_counter()
-                reduced = copy.deepcopy(loaded)
-                groups = plan_groups(
-                    stats,
-                    source.family,
-                    config,
-                    r,
-                    variant.method,
-                    router=router,
-                    options=variant.options,
-                    budget=variant.budget,
-                )
-                originals = apply_groups(
-                    reduced, source.family, stats, groups, variant.merge, variant.router_rows, align=variant.align
-                )
-                reduced_layers = source.family.moe_layers(reduced)
-                if variant.method in COMPRESSING_METHODS:
-                    rank = compression_rank(reduced_layers[0], None, DEFAULT_SPARSITY, None)
-                    compress_experts(reduced_layers, rank, DEFAULT_SPARSITY)
-                if router == "grouped":
-                    top_k = source.family.routing_rule(config).top_k
-                    install_grouped_routers(reduced_layers, originals, groups, top_k)
+                reduced, groups = reduce_variant(loaded, source.family, config, stats, variant, r, router)
                 seconds = time.perf_counter() - start
                 result = measure(reduced, tokenizer, source.family, chunks, loaded, *evaluation, False)
                 counts = [len(groups[view.layer]) for view in layers]
@@ -191,6 +171,22 @@ def compare(
         if "average_accuracy" in rows[0]:
             plot(rows, "average_accuracy", "average zero-shot accuracy", tmp / "accuracy.png")
     return rows
+
+
+def reduce_variant(model, family, config, stats: dict, variant: Variant, r: int, router: str = "reduce"):
+    """(a reduced deep copy of ``model``, its groups): ``variant`` at ``r`` experts per layer (on average, for a
+    non-uniform budget) from the calibration statistics ``stats``, with the ``router`` mode installed."""
+    reduced = copy.deepcopy(model)
+    groups = plan_groups(
+        stats, family, config, r, variant.method, router=router, options=variant.options, budget=variant.budget
+    )
+    originals = apply_groups(reduced, family, stats, groups, variant.merge, variant.router_rows, align=variant.align)
+    layers = family.moe_layers(reduced)
+    if variant.method in COMPRESSING_METHODS:
+        compress_experts(layers, compression_rank(layers[0], None, DEFAULT_SPARSITY, None), DEFAULT_SPARSITY)
+    if router == "grouped":
+        install_grouped_routers(layers, originals, groups, family.routing_rule(config).top_k)
+    return reduced, groups
 
 
 def row_of(method: str, r: int, n: int, counts: list[int], result: dict, params: int, seconds: float) -> dict:

@@ -6,6 +6,7 @@ Specs:
 - ``PATH.jsonl`` whose rows have ``text``: documents;
 - ``PATH.jsonl`` whose rows have ``input_ids``: token rows, used as given in file order
   (the first ``samples`` rows, each cut to ``seq_len`` tokens);
+- any of those files gzipped, named ``PATH.txt.gz`` / ``PATH.jsonl.gz``;
 - ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face data set's ``text`` column (needs the hub and
   the ``datasets`` package).
 
@@ -92,8 +93,24 @@ def check_spec(spec: str | None) -> None:
     path = Path(spec)
     if not path.is_file():
         raise MoemergeError(f"text file {spec} does not exist; pass a .txt or .jsonl file, or hf:NAME")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise MoemergeError(f"text file {spec} must end in .txt or .jsonl")
+    if _kind(path) is None:
+        raise MoemergeError(f"text file {spec} must end in .txt or .jsonl (optionally with .gz)")
+
+
+def _kind(path: Path) -> str | None:
+    """ ".txt" or ".jsonl" for a (possibly gzipped) text file, else None."""
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    return suffixes[0] if suffixes and suffixes[0] in (".txt", ".jsonl") else None
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise MoemergeError(f"{path} is not a readable gzip file ({err}); recompress it or drop .gz") from None
+    return data.decode("utf-8", errors="replace")
 
 
 def _read_spec(spec: str | None, min_chars: int) -> tuple[list[str] | None, list[dict] | None]:
@@ -105,8 +122,8 @@ def _read_spec(spec: str | None, min_chars: int) -> tuple[list[str] | None, list
         return _hub_documents(spec, min_chars), None
     check_spec(spec)
     path = Path(spec)
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")], None
+    if _kind(path) == ".txt":
+        return [_read_text(path)], None
     rows = _read_jsonl(path)
     if all("input_ids" in row for row in rows):
         return None, rows
@@ -117,7 +134,7 @@ def _read_spec(spec: str | None, min_chars: int) -> tuple[list[str] | None, list
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
