@@ -330,9 +330,9 @@ def test_same_inputs_give_identical_files(tmp_path, family, router):
             seed=7,
             progress=False,
         )
-    files_a = sorted(p.name for p in outs[0].iterdir())
-    assert files_a == sorted(p.name for p in outs[1].iterdir())
-    assert "model.safetensors" in files_a and "moemerge.json" in files_a
+    files_a = sorted(str(p.relative_to(outs[0])) for p in outs[0].rglob("*") if p.is_file())
+    assert files_a == sorted(str(p.relative_to(outs[1])) for p in outs[1].rglob("*") if p.is_file())
+    assert {"model.safetensors", "moemerge.json", "report/report.html", "report/usage.png"} <= set(files_a)
     for name in files_a:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 

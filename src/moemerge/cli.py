@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, DISTANCES, KMEANS_INITS, LINKAGES, METRICS
 from moemerge.pipeline import DEFAULT_SPARSITY, ROUTER_MODES, reduce  # importing the pipeline registers every method
+from moemerge.progress import show_phases
 from moemerge.registry import names
 
 
@@ -27,10 +29,81 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = commands.add_parser("reduce", help="merge each MoE layer's experts into fewer and write a checkpoint")
     p.add_argument("model", help="local model directory (config.json and *.safetensors)")
+    _reduction_options(p)
+    p.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
+    p.add_argument("--no-report", action="store_true", help="do not write OUT/report/ (figures of the groups)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    _device_options(p)
+
+    pl = commands.add_parser("plan", help="calibrate and choose the groups like reduce, and save them as a recipe")
+    pl.add_argument("model", help="local model directory (config.json and *.safetensors)")
+    _reduction_options(pl)
+    pl.add_argument("--out", required=True, metavar="RECIPE.json", help="recipe file to write")
+    pl.add_argument("--force", action="store_true", help="replace an existing recipe")
+    pl.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    _device_options(pl)
+
+    a = commands.add_parser("apply", help="reduce a model to the groups of a recipe made by moemerge plan")
+    a.add_argument("recipe", help="recipe JSON file from moemerge plan")
+    a.add_argument("model", help="the model the recipe was planned for (checked by config and weights fingerprint)")
+    a.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
+    a.add_argument("--no-report", action="store_true", help="do not write OUT/report/ (figures of the groups)")
+    a.add_argument("--force", action="store_true", help="replace an existing output directory")
+    a.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    a.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the recipe's)")
+    a.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: the recipe's)")
+    _output_options(a)
+
+    i = commands.add_parser("inspect", help="report a model's architecture, expert usage, distances and dendrograms")
+    i.add_argument("model", help="local model directory (config.json and *.safetensors)")
+    i.add_argument(
+        "--calib",
+        nargs="+",
+        metavar="SPEC",
+        help="one or more calibration sets (as reduce's --calib), compared in the usage figure; default: bundled corpus",
+    )
+    i.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration sequences (default 32)")
+    i.add_argument("--calib-seq-len", type=int, default=2048, metavar="L", help="tokens per sequence (default 2048)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    i.add_argument("--out", required=True, help="report folder (created; never overwritten without --force)")
+    i.add_argument("--force", action="store_true", help="replace an existing report folder")
+    i.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    _device_options(i)
+
+    e = commands.add_parser("eval", help="perplexity, fidelity to the original, zero-shot accuracy and cost of a model")
+    e.add_argument("model", help="model directory: an original, or a moemerge output of either router mode")
+    e.add_argument("--reference", metavar="ORIGINAL", help="the original model: adds fidelity and cluster quality")
+    _evaluation_options(e)
+    e.add_argument("--no-cost", action="store_true", help="skip the memory and speed measurement")
+    e.add_argument("--out", metavar="FILE", help="write the results as JSON")
+    _device_options(e)
+
+    c = commands.add_parser("compare", help="a grid of methods x expert counts from one calibration pass")
+    c.add_argument("model", help="local model directory")
+    c.add_argument(
+        "--methods",
+        nargs="+",
+        required=True,
+        metavar="METHOD",
+        help="methods, each NAME or NAME:KEY=VALUE,... (keys: metric, distance, cluster, linkage, kmeans_init, "
+        "oprune_budget, merge, align, budget, router_rows)",
+    )
+    c.add_argument("--experts", type=int, nargs="+", required=True, metavar="R", help="experts per layer to try")
+    c.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
+    c.add_argument("--router", default="reduce", choices=ROUTER_MODES, help="router mode of every reduced model")
+    _evaluation_options(c)
+    _calibration_options(c)
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _device_options(c)
+    return parser
+
+
+def _reduction_options(p: argparse.ArgumentParser) -> None:
+    """The options of reduce and plan: size, method and its settings, router, calibration."""
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--experts", type=int, metavar="R", help="experts to keep per MoE layer")
     size.add_argument("--ratio", type=float, metavar="F", help="fraction of experts to keep per MoE layer")
-    p.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
     p.add_argument("--method", default="hc-smoe", choices=names("method"))
     p.add_argument("--metric", default="expert-output", choices=METRICS, help="hc-smoe: what experts are compared by")
     p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="hc-smoe: distance between features")
@@ -85,36 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(load the output with moemerge.load_model)",
     )
     _calibration_options(p)
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
-    _device_options(p)
-
-    e = commands.add_parser("eval", help="perplexity, fidelity to the original, zero-shot accuracy and cost of a model")
-    e.add_argument("model", help="model directory: an original, or a moemerge output of either router mode")
-    e.add_argument("--reference", metavar="ORIGINAL", help="the original model: adds fidelity and cluster quality")
-    _evaluation_options(e)
-    e.add_argument("--no-cost", action="store_true", help="skip the memory and speed measurement")
-    e.add_argument("--out", metavar="FILE", help="write the results as JSON")
-    _device_options(e)
-
-    c = commands.add_parser("compare", help="a grid of methods x expert counts from one calibration pass")
-    c.add_argument("model", help="local model directory")
-    c.add_argument(
-        "--methods",
-        nargs="+",
-        required=True,
-        metavar="METHOD",
-        help="methods, each NAME or NAME:KEY=VALUE,... (keys: metric, distance, cluster, linkage, kmeans_init, "
-        "oprune_budget, merge, align, budget, router_rows)",
-    )
-    c.add_argument("--experts", type=int, nargs="+", required=True, metavar="R", help="experts per layer to try")
-    c.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
-    c.add_argument("--router", default="reduce", choices=ROUTER_MODES, help="router mode of every reduced model")
-    _evaluation_options(c)
-    _calibration_options(c)
-    c.add_argument("--force", action="store_true", help="replace an existing output directory")
-    _device_options(c)
-    return parser
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
@@ -147,13 +190,17 @@ def _evaluation_options(p: argparse.ArgumentParser) -> None:
 def _device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16")
+    _output_options(p)
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
 
-def _reduce(args: argparse.Namespace) -> None:
-    result = reduce(
-        args.model,
-        args.out,
+def _reduction_kwargs(args: argparse.Namespace) -> dict:
+    """reduce's / plan's keyword arguments from the parsed options."""
+    return dict(
         experts=args.experts,
         ratio=args.ratio,
         method=args.method,
@@ -177,10 +224,63 @@ def _reduce(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+    )
+
+
+def _reduce(args: argparse.Namespace) -> None:
+    result = reduce(
+        args.model,
+        args.out,
         force=args.force,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
+        report=not args.no_report,
+        **_reduction_kwargs(args),
     )
+    _print_reduced(result, args)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from moemerge.recipes import plan_recipe
+
+    recipe = plan_recipe(
+        args.model,
+        args.out,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+        **_reduction_kwargs(args),
+    )
+    if args.json:
+        print(json.dumps(recipe))
+    elif not args.quiet:
+        counts = "/".join(str(len(layer["groups"])) for layer in recipe["layers"])
+        print(f"wrote {args.out}: groups for {len(recipe['layers'])} MoE layers ({counts} experts)")
+
+
+def _apply(args: argparse.Namespace) -> None:
+    from moemerge.recipes import apply_recipe
+
+    result = apply_recipe(
+        args.recipe,
+        args.model,
+        args.out,
+        force=args.force,
+        device=args.device,
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+        report=not args.no_report,
+    )
+    _print_reduced(result, args)
+
+
+def _print_reduced(result, args: argparse.Namespace) -> None:
+    if args.json:
+        fields = {k: v for k, v in vars(result).items() if k not in ("out", "groups")}
+        groups = {str(layer): [list(g) for g in layer_groups] for layer, layer_groups in result.groups.items()}
+        print(json.dumps({"out": str(result.out), **fields, "groups": groups}))
+        return
     if args.quiet:
         return
     counts = [len(g) for g in result.groups.values()]
@@ -198,8 +298,32 @@ def _reduce(args: argparse.Namespace) -> None:
     print(f"calibration: {result.calibration_tokens:,} tokens; took {result.seconds:.1f} s")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from moemerge.report import inspect
+
+    result = inspect(
+        args.model,
+        args.out,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(result))
+    elif not args.quiet:
+        print(result["summary"])
+        print(f"wrote {args.out}: report.html, summary.txt and figures")
+
+
 def _eval(args: argparse.Namespace) -> None:
-    from moemerge.evaluation import evaluate, write_results
+    from moemerge.checkpoint.writer import write_json
+    from moemerge.evaluation import evaluate
     from moemerge.evaluation.evaluate import check_results_path
 
     if args.out:
@@ -220,8 +344,10 @@ def _eval(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     if args.out:
-        write_results(result, args.out)
-    if not args.quiet:
+        write_json(result, args.out)
+    if args.json:
+        print(json.dumps(result))
+    elif not args.quiet:
         print(summary(result))
 
 
@@ -250,7 +376,9 @@ def _compare(args: argparse.Namespace) -> None:
         force=args.force,
         progress=not args.quiet,
     )
-    if not args.quiet:
+    if args.json:
+        print(json.dumps(rows))
+    elif not args.quiet:
         print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
         print(f"wrote {args.out}: results.csv, results.md and plots ({len(rows) - 1} reduced models)")
 
@@ -296,13 +424,16 @@ def _change(before: int, after: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_phases(not args.quiet)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
-        {"reduce": _reduce, "eval": _eval, "compare": _compare}[args.command](args)
+        {"reduce": _reduce, "plan": _plan, "apply": _apply, "inspect": _inspect, "eval": _eval, "compare": _compare}[
+            args.command
+        ](args)
     except MoemergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

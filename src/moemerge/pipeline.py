@@ -1,6 +1,7 @@
 """``reduce``: the whole HC-SMoE pipeline, calibration -> statistics -> grouping -> merging -> routing -> checkpoint.
 
-The steps are public functions too (:func:`plan_groups`, :func:`apply_groups`) so that a loaded
+The steps are public functions too (:func:`prepare`, :func:`plan`, :func:`write_reduced`, which recipes reuse;
+:func:`plan_groups`, :func:`apply_groups`) so that a loaded
 model can be reduced in memory, e.g. in tests.
 """
 
@@ -8,18 +9,25 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import metadata
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from moemerge.adapters import MoEFamily, MoELayerView
-from moemerge.calibration import check_spec, load_calibration
+from moemerge.calibration import CalibrationSet, check_spec, load_calibration
 from moemerge.checkpoint import atomic_output, inspect_source, load_source, write_checkpoint
-from moemerge.checkpoint.source import LOWRANK_FILE, SIDECAR, resolve_device, resolve_dtype, stored_expert_counts
+from moemerge.checkpoint.source import (
+    LOWRANK_FILE,
+    SIDECAR,
+    SourceModel,
+    resolve_device,
+    resolve_dtype,
+    stored_expert_counts,
+)
 from moemerge.checkpoint.writer import check_output
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, SoftGroups, check_linkage, layer_budgets
@@ -41,6 +49,7 @@ from moemerge.methods import (
     MethodOptions,
     method_options,
 )
+from moemerge.progress import phase
 from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
@@ -300,9 +309,27 @@ def compression_rank(view: MoELayerView, rank: int | None, sparsity: float, para
     return fitting
 
 
-def reduce(
+@dataclass
+class Prepared:
+    """Everything :func:`reduce` knows after calibration, before it groups experts: the checked options, the
+    loaded model and its calibration statistics."""
+
+    model_arg: str | Path
+    options: dict
+    source: SourceModel
+    config: PretrainedConfig
+    loaded: torch.nn.Module
+    calibration: CalibrationSet
+    layers: list[MoELayerView]
+    stats: dict[int, LayerStatistics]
+    r: int
+    rank: int | None
+    start: float
+
+
+def prepare(
     model: str | Path,
-    out: str | Path,
+    out: str | Path | None,
     *,
     experts: int | None = None,
     ratio: float | None = None,
@@ -330,29 +357,20 @@ def reduce(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
-) -> ReduceResult:
-    """Reduce every MoE layer of the model in directory ``model`` to r experts and write it to ``out``.
+) -> Prepared:
+    """Check every option (and ``out``, unless None), load the model and collect its calibration statistics.
 
-    Give ``experts`` (r) or ``ratio`` (fraction kept); with a non-uniform ``budget`` r is the average
-    over layers and the output needs :func:`moemerge.load_model` (a standard config holds one count).
-    See ``moemerge reduce --help`` for the options; all input is checked before any work, and ``out``
-    appears only when complete.
+    The keyword arguments are :func:`reduce`'s; they are kept (without force, allow_pickle, progress) as
+    ``Prepared.options``, which is what a recipe records.
     """
+    recorded = {k: v for k, v in locals().items() if k not in ("model", "out", "force", "allow_pickle", "progress")}
     start = time.perf_counter()
     for kind, name in (("method", method), ("cluster", cluster), ("merge", merge), ("router-rows", router_rows)):
         resolve(kind, name)
     check_linkage(linkage, distance)
     check_choice("metric", metric, METRICS)
     check_choice("k-means init", kmeans_init, KMEANS_INITS)
-    options = MethodOptions(
-        metric=metric,
-        distance=distance,
-        cluster=cluster,
-        linkage=linkage,
-        kmeans_init=kmeans_init,
-        oprune_budget=oprune_budget,
-        seed=seed,
-    )
+    options = method_options_of(recorded)
     check_combination(method, options, router, align)
     if oprune_budget < 1:
         raise MoemergeError(f"--oprune-budget {oprune_budget} must be at least 1")
@@ -366,18 +384,20 @@ def reduce(
     resolve_dtype(dtype)
     resolve_device(device)
     check_spec(calib)
-    out = Path(out)
-    check_output(out, force)
     source = inspect_source(model, allow_pickle=allow_pickle)
-    if out.resolve() == source.path.resolve():
-        raise MoemergeError(f"--out {out} is the source model directory; choose another output directory")
+    if out is not None:
+        out = Path(out)
+        check_output(out, force)
+        if out.resolve() == source.path.resolve():
+            raise MoemergeError(f"--out {out} is the source model directory; choose another output directory")
     check_uniform_source(source.path)
     config = AutoConfig.from_pretrained(source.path)
     n = source.family.num_experts(config)
     r = target_experts(n, experts, ratio)
     check_budget(source.family, config, r, budget, router)
 
-    loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+    with phase(f"loading {source.path}"):
+        loaded, tokenizer = load_source(source, dtype=dtype, device=device)
     vocab_size = loaded.get_input_embeddings().num_embeddings
     calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab_size)
     layers = source.family.moe_layers(loaded)
@@ -385,21 +405,79 @@ def reduce(
         raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to reduce")
     if method in COMPRESSING_METHODS:
         rank = compression_rank(layers[0], rank, sparsity, param_budget)
-    effective = method_options(method, options)
     needs = statistics_needs([(method, options, merge, router_rows)])
-    stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
-    groups = plan_groups(stats, source.family, config, r, method, router=router, options=options, budget=budget)
+    with phase(f"statistics of {len(layers)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
+        stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
+    return Prepared(model, recorded, source, config, loaded, calibration, layers, stats, r, rank, start)
+
+
+def plan(run: Prepared) -> dict[int, list[list[int]]]:
+    """The groups per decoder layer that :func:`reduce` would use for a prepared run."""
+    o = run.options
+    with phase(f"grouping ({o['method']})"):
+        return plan_groups(
+            run.stats,
+            run.source.family,
+            run.config,
+            run.r,
+            o["method"],
+            router=o["router"],
+            options=method_options_of(o),
+            budget=o["budget"],
+        )
+
+
+def method_options_of(options: dict) -> MethodOptions:
+    """The :class:`MethodOptions` in a dict of :func:`prepare`'s keyword arguments."""
+    return MethodOptions(**{f.name: options[f.name] for f in fields(MethodOptions)})
+
+
+def reduce(
+    model: str | Path, out: str | Path, *, force: bool = False, progress: bool = True, report: bool = True, **options
+) -> ReduceResult:
+    """Reduce every MoE layer of the model in directory ``model`` to r experts and write it to ``out``.
+
+    Give ``experts`` (r) or ``ratio`` (fraction kept); with a non-uniform ``budget`` r is the average
+    over layers and the output needs :func:`moemerge.load_model` (a standard config holds one count).
+    The options are :func:`prepare`'s (see ``moemerge reduce --help``); all input is checked before any
+    work, and ``out`` appears only when complete. ``report``: also write ``out/report/`` (see
+    :func:`moemerge.report.write_report`), with the chosen groups on the dendrograms.
+    """
+    run = prepare(model, out, force=force, progress=progress, **options)
+    return write_reduced(run, plan(run), out, force, progress, report)
+
+
+def write_reduced(
+    run: Prepared,
+    groups: dict[int, list[list[int]]],
+    out: str | Path,
+    force: bool = False,
+    progress: bool = True,
+    report: bool = True,
+) -> ReduceResult:
+    """Merge a prepared run's model to ``groups`` (compress, keep grouped routers) and write it to ``out``, with
+    a report of the original model and the groups in ``out/report/`` when ``report``."""
+    o, loaded, layers, stats, source = run.options, run.loaded, run.layers, run.stats, run.source
+    if report:
+        from moemerge.report import architecture
+
+        original = architecture(str(run.model_arg), loaded, source.family, run.config)
+    method, router, sparsity = o["method"], o["router"], o["sparsity"]
     params_before = sum(p.numel() for p in loaded.parameters())
-    originals = apply_groups(loaded, source.family, stats, groups, merge, router_rows, progress, align)
+    with phase(f"merging ({o['merge']})"):
+        originals = apply_groups(
+            loaded, source.family, stats, groups, o["merge"], o["router_rows"], progress, o["align"]
+        )
 
     stored_params = compression = None
     if method in COMPRESSING_METHODS:
-        lowrank, saved = compress_experts(layers, rank, sparsity, progress)
+        with phase(f"compressing (rank {run.rank}, sparsity {sparsity})"):
+            lowrank, saved = compress_experts(layers, run.rank, sparsity, progress)
         stored_params = sum(p.numel() for p in loaded.parameters()) - saved
         compression = {
-            "rank": rank,
+            "rank": run.rank,
             "sparsity": sparsity,
-            "param_budget": param_budget,
+            "param_budget": o["param_budget"],
             "stored_parameters": stored_params,
             "file": LOWRANK_FILE,
         }
@@ -411,45 +489,47 @@ def reduce(
             f"layers.{layer}.e_score_correction_bias": b for layer, (_, b) in originals.items() if b is not None
         }
         tensor_files[SIDECAR] = routers
+    effective = method_options(method, method_options_of(o))
     parameters = {
-        "experts": r,
-        "ratio": ratio,
+        "experts": run.r,
+        "ratio": o["ratio"],
         "metric": effective.metric,
         "distance": effective.distance,
         "cluster": effective.cluster,
-        "linkage": linkage,
-        "kmeans_init": kmeans_init,
-        "merge": merge,
-        "align": align,
-        "rank": rank,
+        "linkage": o["linkage"],
+        "kmeans_init": o["kmeans_init"],
+        "merge": o["merge"],
+        "align": o["align"],
+        "rank": run.rank,
         "sparsity": sparsity,
-        "param_budget": param_budget,
-        "router_rows": router_rows,
-        "oprune_budget": oprune_budget,
-        "budget": budget,
-        "calib": calib,
-        "calib_samples": calib_samples,
-        "calib_seq_len": calib_seq_len,
-        "dtype": dtype,
-        "device": device,
-        "seed": seed,
+        "param_budget": o["param_budget"],
+        "router_rows": o["router_rows"],
+        "oprune_budget": o["oprune_budget"],
+        "budget": o["budget"],
+        "calib": o["calib"],
+        "calib_samples": o["calib_samples"],
+        "calib_seq_len": o["calib_seq_len"],
+        "dtype": o["dtype"],
+        "device": o["device"],
+        "seed": o["seed"],
     }
+    n = source.family.num_experts(run.config)
     meta = {
         "format_version": 1,
         "method": method,
         "router": router,
         "parameters": parameters,
         "source": {
-            "path": str(model),
-            "model_type": config.model_type,
+            "path": str(run.model_arg),
+            "model_type": run.config.model_type,
             "num_experts": n,
-            "top_k": source.family.routing_rule(config).top_k,
+            "top_k": source.family.routing_rule(run.config).top_k,
         },
         "calibration": {
-            "spec": calibration.spec,
-            "sequences": len(calibration.sequences),
-            "tokens": calibration.num_tokens,
-            "sha256": calibration.sha256(),
+            "spec": run.calibration.spec,
+            "sequences": len(run.calibration.sequences),
+            "tokens": run.calibration.num_tokens,
+            "sha256": run.calibration.sha256(),
         },
         "versions": package_versions(),
         "layers": [layer_record(layer, groups[layer], stats[layer]) for layer in groups],
@@ -457,19 +537,26 @@ def reduce(
     if compression:
         meta["compression"] = compression
     with atomic_output(out, force) as tmp:
-        write_checkpoint(loaded, source.path, tmp, meta, tensor_files)
+        with phase(f"writing {out}"):
+            write_checkpoint(loaded, source.path, tmp, meta, tensor_files)
         bytes_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        if report:
+            from moemerge.report import write_report
+
+            title = f"moemerge reduce ({method}, {run.r} of {n} experts)"
+            with phase("report"):
+                write_report(tmp / "report", original, {run.calibration.spec: stats}, groups, o["linkage"], title)
     return ReduceResult(
-        out=out,
+        out=Path(out),
         groups=groups,
         num_experts=n,
-        experts=r,
+        experts=run.r,
         params_before=params_before,
         params_after=sum(p.numel() for p in loaded.parameters()),
         bytes_before=sum(f.stat().st_size for f in source.weight_files),
         bytes_after=bytes_after,
-        calibration_tokens=calibration.num_tokens,
-        seconds=time.perf_counter() - start,
+        calibration_tokens=run.calibration.num_tokens,
+        seconds=time.perf_counter() - run.start,
         stored_params=stored_params,
     )
 

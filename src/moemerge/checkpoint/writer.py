@@ -41,6 +41,23 @@ def check_output(out: Path, force: bool) -> None:
         raise MoemergeError(f"output path {out} is a file, not a directory; choose another --out")
 
 
+def write_json(obj, out: str | Path) -> None:
+    """Write ``obj`` as indented JSON to the file ``out`` atomically (a temporary file beside it, renamed into
+    place), creating its folder."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @contextmanager
 def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block finishes without error."""

@@ -2,7 +2,7 @@
 
 from moemerge.evaluation.cluster_quality import cluster_quality, group_labels
 from moemerge.evaluation.cost import parameter_counts
-from moemerge.evaluation.evaluate import evaluate, write_results
+from moemerge.evaluation.evaluate import evaluate
 from moemerge.evaluation.fidelity import fidelity
 from moemerge.evaluation.perplexity import perplexity, windows
 
@@ -14,5 +14,4 @@ __all__ = [
     "parameter_counts",
     "perplexity",
     "windows",
-    "write_results",
 ]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -173,19 +171,3 @@ def groups_quality(path: Path, original, family, chunks, progress: bool) -> dict
         values = [entry[key] for entry in layers if entry[key] is not None]
         mean[key] = float(np.mean(values)) if values else None
     return {"features": "expert-output", "mean": mean, "layers": layers}
-
-
-def write_results(result: dict, out: str | Path) -> None:
-    """Write ``result`` as JSON to ``out`` atomically (a temporary file renamed into place)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

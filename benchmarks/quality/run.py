@@ -1,0 +1,300 @@
+"""The quality benchmark: every method on the three benchmark models, per-domain test perplexity and fidelity.
+
+Usage: ``python benchmarks/quality/run.py [--models NAME ...] [--out DIR] [--smoke]``
+(default: all models in ``benchmarks/models/``, output ``benchmarks/results/quality/``).
+
+For each model (``benchmarks/models/*``, made by ``scripts/train_benchmark_models.py``) and each calibration set
+of ``benchmarks/data/`` (general, prose, code; ``scripts/benchmark_text.py``), one calibration pass of
+``CALIB_SAMPLES`` windows of ``SEQ_LEN`` tokens (the models are trained on 256-token sequences; 256 x 256 =
+65,536 tokens, the paper's 32 x 2048). Then every variant at 25 %, 50 % and 75 % of the experts removed, with
+``--router reduce`` and, for merging methods, ``--router grouped``: perplexity on each domain's test split
+(windows of ``SEQ_LEN``), their geometric mean, and fidelity to the original on all those windows (mean L2 and
+cosine of the last hidden state). The prose and code calibration sets run HC-SMoE only (the paper's
+calibration-set study). ``seconds`` is the plan + merge time of a variant, without evaluation.
+
+Writes ``results.csv`` (every row), ``results.md`` (tables and the paper's findings, each counted over the
+cells where it can be tested) and ``quality.png`` (mean test perplexity against the fraction removed).
+``--smoke``: one model, two methods, 50 % removed, 8 calibration windows, 512 test tokens per domain; CI runs
+it (``tests/test_benchmark_models.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from transformers import AutoConfig
+
+from moemerge.calibration import load_calibration, load_tokens
+from moemerge.checkpoint import inspect_source, load_source
+from moemerge.compare import parse_variant, reduce_variant
+from moemerge.evaluation.fidelity import fidelity
+from moemerge.evaluation.perplexity import perplexity, windows
+from moemerge.methods import PRUNING_METHODS
+from moemerge.pipeline import statistics_needs
+from moemerge.statistics import collect_statistics
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = REPO / "benchmarks" / "models"
+DATA = REPO / "benchmarks" / "data"
+DOMAINS = ("austen", "bible", "lambada", "wiki", "pydocs")
+SEQ_LEN = 256
+CALIB_SAMPLES = 256
+TEST_TOKENS = 16_384
+REMOVED = (0.25, 0.5, 0.75)
+VARIANTS = (
+    "hc-smoe",
+    "hc-smoe:linkage=single",
+    "hc-smoe:linkage=complete",
+    "hc-smoe:cluster=kmeans,kmeans_init=k-means++",
+    "hc-smoe:metric=router-logits",
+    "hc-smoe:metric=weight",
+    "hc-smoe:merge=average",
+    "hc-smoe:merge=fix-dom",
+    "hc-smoe:align=true",
+    "m-smoe",
+    "mc-smoe",
+    "f-prune",
+    "s-prune",
+    "reap",
+    "o-prune:oprune_budget=2000",
+)
+CALIB_SETS = ("general", "prose", "code")
+SMOKE = {"variants": ("hc-smoe", "f-prune"), "removed": (0.5,), "calib_samples": 8, "test_tokens": 512}
+
+
+def test_windows(tokenizer, vocab: int, max_tokens: int) -> dict[str, list[torch.Tensor]]:
+    """Per domain, the first ``max_tokens`` tokens of its test split cut into windows of SEQ_LEN."""
+    return {
+        d: windows(
+            load_tokens(str(DATA / "test" / f"{d}.jsonl.gz"), tokenizer, max_tokens, vocab).sequences[0], SEQ_LEN
+        )
+        for d in DOMAINS
+    }
+
+
+def measure(model, original, family, chunks: dict[str, list[torch.Tensor]]) -> dict:
+    """Per-domain perplexity, their geometric mean, and last-hidden fidelity to ``original`` on all windows."""
+    row = {f"ppl_{d}": perplexity(model, c)["perplexity"] for d, c in chunks.items()}
+    row["ppl_mean"] = math.exp(sum(math.log(v) for v in row.values()) / len(row))
+    hidden = fidelity(model, original, family, [w for c in chunks.values() for w in c])["last_hidden"]
+    return row | {"hidden_l2": hidden["l2"], "hidden_cosine": hidden["cosine"]}
+
+
+def run_model(name: str, variants, removed, calib_sets, calib_samples: int, test_tokens: int, log) -> list[dict]:
+    source = inspect_source(MODELS / name)
+    model, tokenizer = load_source(source, dtype="float32")
+    config, family = AutoConfig.from_pretrained(source.path), source.family
+    n, layers = family.num_experts(config), family.moe_layers(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    chunks = test_windows(tokenizer, vocab, test_tokens)
+    base = {"model": name, "calibration": "", "router": "", "method": "original", "removed": 0.0, "experts": n}
+    rows = [base | measure(model, model, family, chunks) | {"seconds": 0.0}]
+    for calib in calib_sets:
+        specs = [parse_variant(v) for v in (variants if calib == calib_sets[0] else variants[:1])]
+        calibration = load_calibration(
+            str(DATA / f"calib_{calib}.jsonl.gz"), tokenizer, calib_samples, SEQ_LEN, 0, vocab
+        )
+        needs = statistics_needs([(v.method, v.options, v.merge, v.router_rows) for v in specs])
+        stats = collect_statistics(model, layers, calibration.sequences, progress=False, **needs)
+        for router in ("reduce", "grouped"):
+            for variant in specs:
+                if router == "grouped" and variant.method in PRUNING_METHODS:
+                    continue
+                for fraction in removed:
+                    r = round(n * (1 - fraction))
+                    start = time.perf_counter()
+                    reduced, _ = reduce_variant(model, family, config, stats, variant, r, router)
+                    seconds = time.perf_counter() - start
+                    cell = {"calibration": calib, "router": router, "method": variant.spec, "removed": fraction}
+                    row = base | cell | {"experts": r} | measure(reduced, model, family, chunks)
+                    rows.append(row | {"seconds": seconds})
+                    log(f"{name} {calib} {router} {variant.spec} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
+                    del reduced
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+
+
+def lookup(rows, model, method, fraction, calibration="general", router="reduce") -> dict | None:
+    for row in rows:
+        if (row["model"], row["method"], row["removed"], row["calibration"], row["router"]) == (
+            model,
+            method,
+            fraction,
+            calibration,
+            router,
+        ):
+            return row
+    return None
+
+
+def finding(rows, models, removed, title: str, better, worse: list[str], **where) -> str | None:
+    """'title: holds in k of m cells' where ``better``'s mean perplexity is below every one of ``worse``'s."""
+    cells, holds, details = 0, 0, []
+    for model in models:
+        for fraction in removed:
+            a = lookup(rows, model, better, fraction, **where)
+            others = [lookup(rows, model, w, fraction, **where) for w in worse]
+            if a is None or any(o is None for o in others):
+                continue
+            best_other = min(others, key=lambda o: o["ppl_mean"])
+            cells += 1
+            holds += a["ppl_mean"] < best_other["ppl_mean"]
+            details.append(f"{model} -{fraction:.0%}: {a['ppl_mean']:.1f} vs {best_other['ppl_mean']:.1f}")
+    if not cells:
+        return None
+    return f"- **{title}**: holds in {holds} of {cells} cells ({'; '.join(details)})."
+
+
+def findings(rows: list[dict], models: list[str], removed) -> list[str]:
+    pruning = [m for m in VARIANTS if m.split(":")[0] in PRUNING_METHODS]
+    checks = [
+        (
+            "Average linkage beats single and complete",
+            "hc-smoe",
+            ["hc-smoe:linkage=single", "hc-smoe:linkage=complete"],
+        ),
+        ("Hierarchical clustering beats k-means (k-means++)", "hc-smoe", [VARIANTS[3]]),
+        (
+            "Expert outputs beat router logits and weights as the similarity metric",
+            "hc-smoe",
+            ["hc-smoe:metric=router-logits", "hc-smoe:metric=weight"],
+        ),
+        ("HC-SMoE beats every pruning method (merging beats pruning)", "hc-smoe", pruning),
+        ("HC-SMoE beats M-SMoE", "hc-smoe", ["m-smoe"]),
+        ("Frequency-weighted merging beats plain averaging", "hc-smoe", ["hc-smoe:merge=average"]),
+        ("Permutation alignment before merging helps", "hc-smoe:align=true", ["hc-smoe"]),
+    ]
+    lines = [finding(rows, models, removed, *check) for check in checks]
+    lines.append(finding_routers(rows, models, removed))
+    lines += calibration_spread(rows, models, removed)
+    return [line for line in lines if line]
+
+
+def finding_routers(rows, models, removed) -> str | None:
+    cells, holds, details = 0, 0, []
+    for model in models:
+        for fraction in removed:
+            a = lookup(rows, model, "hc-smoe", fraction, router="grouped")
+            b = lookup(rows, model, "hc-smoe", fraction)
+            if a and b:
+                cells += 1
+                holds += a["ppl_mean"] < b["ppl_mean"]
+                details.append(f"{model} -{fraction:.0%}: {a['ppl_mean']:.1f} vs {b['ppl_mean']:.1f}")
+    title = "Grouped routing (the paper's exact routing) beats the reduced r-row router, HC-SMoE"
+    return f"- **{title}**: holds in {holds} of {cells} cells ({'; '.join(details)})." if cells else None
+
+
+def calibration_spread(rows, models, removed) -> list[str]:
+    """The paper finds HC-SMoE robust to the calibration set: per cell, the worst over the best mean perplexity,
+    and whether the code set gives the best Python-docs perplexity."""
+    lines = []
+    for model in models:
+        for fraction in removed:
+            found = {c: lookup(rows, model, "hc-smoe", fraction, calibration=c) for c in CALIB_SETS}
+            if any(v is None for v in found.values()):
+                continue
+            means = {c: v["ppl_mean"] for c, v in found.items()}
+            code_best = min(CALIB_SETS, key=lambda c: found[c]["ppl_pydocs"]) == "code"
+            prose_best = min(CALIB_SETS, key=lambda c: found[c]["ppl_austen"]) == "prose"
+            lines.append(
+                f"- Calibration set, {model} -{fraction:.0%}: mean ppl "
+                + ", ".join(f"{c} {v:.1f}" for c, v in means.items())
+                + f" (worst/best {max(means.values()) / min(means.values()):.3f}); code set best on pydocs: "
+                f"{'yes' if code_best else 'no'}; prose set best on Austen: {'yes' if prose_best else 'no'}."
+            )
+    return lines
+
+
+def markdown(rows: list[dict], models: list[str], removed, settings: str) -> str:
+    lines = [f"# Quality benchmark\n\n{settings}\n", "## The paper's findings on these models\n"]
+    lines += [*findings(rows, models, removed), ""]
+    for model in models:
+        original = next(r for r in rows if r["model"] == model and r["method"] == "original")
+        lines += [
+            f"## {model} ({original['experts']} experts; original mean test ppl {original['ppl_mean']:.2f})\n",
+            "Mean test perplexity over the five domains (hidden-state cosine to the original), calibration: general.\n",
+            "| router | method | " + " | ".join(f"-{f:.0%}" for f in removed) + " | seconds |",
+            "|---|---|" + "---|" * (len(removed) + 1),
+        ]
+        cells = [r for r in rows if r["model"] == model and r["method"] != "original"]
+        for router, method, calib in dict.fromkeys((r["router"], r["method"], r["calibration"]) for r in cells):
+            found = [lookup(rows, model, method, f, calib, router) for f in removed]
+            label = method if calib == "general" else f"{method} (calib {calib})"
+            values = " | ".join(f"{r['ppl_mean']:.2f} ({r['hidden_cosine']:.3f})" if r else "" for r in found)
+            seconds = sum(r["seconds"] for r in found if r)
+            lines.append(f"| {router} | {label} | {values} | {seconds:.1f} |")
+        lines += ["", f"Per-domain test perplexity at -{removed[len(removed) // 2]:.0%}, router reduce:\n"]
+        lines += ["| method | " + " | ".join(DOMAINS) + " |", "|---|" + "---|" * len(DOMAINS)]
+        lines.append("| original | " + " | ".join(f"{original[f'ppl_{d}']:.2f}" for d in DOMAINS) + " |")
+        for r in cells:
+            if r["router"] == "reduce" and r["removed"] == removed[len(removed) // 2]:
+                label = r["method"] if r["calibration"] == "general" else f"{r['method']} (calib {r['calibration']})"
+                lines.append(f"| {label} | " + " | ".join(f"{r[f'ppl_{d}']:.2f}" for d in DOMAINS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], models: list[str], path: Path) -> None:
+    fig = Figure(figsize=(5 * len(models), 4.6), dpi=110)
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        original = next(r for r in rows if r["model"] == model and r["method"] == "original")
+        cells = [r for r in rows if r["model"] == model and r["router"] == "reduce" and r["calibration"] == "general"]
+        for method in dict.fromkeys(r["method"] for r in cells):
+            points = sorted((r["removed"], r["ppl_mean"]) for r in cells if r["method"] == method)
+            ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        ax.axhline(original["ppl_mean"], color="black", linestyle="--", linewidth=1, label="original")
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.set_xlabel("fraction of experts removed")
+        ax.set_ylabel("mean test perplexity (5 domains)")
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=None, help="names under benchmarks/models (default: all)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
+    ap.add_argument("--smoke", action="store_true", help="one model, two methods, one ratio, few tokens")
+    args = ap.parse_args(argv)
+    models = args.models or sorted(p.parent.name for p in MODELS.glob("*/card.json"))
+    variants, removed, calib_sets, samples, tokens = VARIANTS, REMOVED, CALIB_SETS, CALIB_SAMPLES, TEST_TOKENS
+    if args.smoke:
+        models, calib_sets = models[:1], CALIB_SETS[:1]
+        variants, removed = SMOKE["variants"], SMOKE["removed"]
+        samples, tokens = SMOKE["calib_samples"], SMOKE["test_tokens"]
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    rows = []
+    for name in models:
+        rows += run_model(name, variants, removed, calib_sets, samples, tokens, lambda m: print(m, flush=True))
+    minutes = (time.perf_counter() - start) / 60
+    settings = (
+        f"Regenerate: `python benchmarks/quality/run.py{' --smoke' if args.smoke else ''}` ({minutes:.0f} min on "
+        f"2 CPU cores). Calibration: {samples} windows of {SEQ_LEN} tokens; test: the first {tokens:,} tokens of "
+        f"each domain's test split in windows of {SEQ_LEN}; fidelity on all of them. Geometric mean over domains."
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "results.csv")
+    (args.out / "results.md").write_text(markdown(rows, models, removed, settings), encoding="utf-8")
+    plot(rows, models, args.out / "quality.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

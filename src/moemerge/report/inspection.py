@@ -1,0 +1,95 @@
+"""``moemerge inspect``: look at a model's experts before choosing how far to reduce it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from moemerge.calibration import check_spec, load_calibration
+from moemerge.checkpoint import atomic_output, inspect_source, load_source
+from moemerge.checkpoint.writer import check_output
+from moemerge.errors import MoemergeError
+from moemerge.evaluation.cost import parameter_counts
+from moemerge.progress import phase
+from moemerge.report.figures import usage_matrix
+from moemerge.report.page import write_report
+from moemerge.statistics import collect_statistics
+
+
+def architecture(name: str, model, family, config) -> dict:
+    """Family, layer and expert counts, and where the parameters are, of a loaded model."""
+    views = family.moe_layers(model)
+    counts = parameter_counts(model, family)
+    shared = sum(
+        p.numel()
+        for view in views
+        for attr in ("shared_expert", "shared_experts", "shared_expert_gate")
+        if hasattr(view.block, attr)
+        for p in getattr(view.block, attr).parameters()
+    )
+    return {
+        "model": name,
+        "model_type": config.model_type,
+        "decoder_layers": config.num_hidden_layers,
+        "moe_layers": len(views),
+        "experts": family.num_experts(config),
+        "top_k": family.routing_rule(config).top_k,
+        "shared_experts": any(view.has_shared_expert for view in views),
+        "parameters": counts["parameters"],
+        "expert_parameters": counts["expert_parameters"],
+        "shared_expert_parameters": shared,
+        "other_parameters": counts["parameters"] - counts["expert_parameters"] - shared,
+        "active_parameters": counts["active_parameters"],
+    }
+
+
+def inspect(
+    model: str | Path,
+    out: str | Path,
+    calib: list[str | None] | None = None,
+    calib_samples: int = 32,
+    calib_seq_len: int = 2048,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Calibrate ``model`` on each spec in ``calib`` (default: the bundled corpus) and write the report folder
+    ``out`` (see :func:`moemerge.report.write_report`). Returns {"architecture", "usage": {calibration spec:
+    {layer: [share of routing slots per expert]}}, "summary": the plain-text summary}."""
+    specs = list(calib or [None])
+    if len(set(specs)) != len(specs):
+        raise MoemergeError("--calib names the same calibration set twice; give each once")
+    for spec in specs:
+        check_spec(spec)
+    out = Path(out)
+    check_output(out, force)
+    source = inspect_source(model, allow_pickle=allow_pickle)
+    if out.resolve() == source.path.resolve():
+        raise MoemergeError(f"--out {out} is the model directory; choose another output directory")
+    config = AutoConfig.from_pretrained(source.path)
+    with phase(f"loading {source.path}"):
+        loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+    layers = source.family.moe_layers(loaded)
+    if not layers:
+        raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to inspect")
+    vocab = loaded.get_input_embeddings().num_embeddings
+    stats_by_set = {}
+    for spec in specs:
+        calibration = load_calibration(spec, tokenizer, calib_samples, calib_seq_len, seed, vocab)
+        with phase(f"statistics on {calibration.num_tokens:,} tokens of {calibration.spec}"):
+            stats = collect_statistics(
+                loaded, layers, calibration.sequences, progress=progress, keep_router_logits=True
+            )
+        stats_by_set[calibration.spec] = stats
+    info = architecture(str(model), loaded, source.family, config)
+    with atomic_output(out, force) as tmp, phase(f"report {out}"):
+        summary = write_report(tmp, info, stats_by_set)
+    usage = {
+        name: {layer: row.tolist() for layer, row in zip(stats, usage_matrix(stats), strict=True)}
+        for name, stats in stats_by_set.items()
+    }
+    return {"architecture": info, "usage": usage, "summary": summary}
