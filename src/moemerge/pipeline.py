@@ -545,7 +545,8 @@ def write_reduced(
 
             title = f"moemerge reduce ({method}, {run.r} of {n} experts)"
             with phase("report"):
-                write_report(tmp / "report", original, {run.calibration.spec: stats}, groups, o["linkage"], title)
+                calibrated = {run.calibration.spec: stats}
+                write_report(tmp / "report", original, calibrated, groups, o["linkage"], title, progress)
     return ReduceResult(
         out=Path(out),
         groups=groups,

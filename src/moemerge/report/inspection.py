@@ -87,7 +87,7 @@ def inspect(
         stats_by_set[calibration.spec] = stats
     info = architecture(str(model), loaded, source.family, config)
     with atomic_output(out, force) as tmp, phase(f"report {out}"):
-        summary = write_report(tmp, info, stats_by_set)
+        summary = write_report(tmp, info, stats_by_set, progress=progress)
     usage = {
         name: {layer: row.tolist() for layer, row in zip(stats, usage_matrix(stats), strict=True)}
         for name, stats in stats_by_set.items()

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from moemerge.report.figures import expert_distances, layer_figure, usage_heatmaps, usage_matrix
 from moemerge.statistics import LayerStatistics
@@ -57,6 +58,7 @@ def write_report(
     groups: dict[int, list[list[int]]] | None = None,
     linkage_method: str = "average",
     title: str = "moemerge inspect",
+    progress: bool = False,
 ) -> str:
     """Write the figures, ``summary.txt`` and ``report.html`` into the folder ``out``; return the summary.
 
@@ -68,7 +70,7 @@ def write_report(
     usage_heatmaps(stats_by_set, out / USAGE_PNG)
     first = next(iter(stats_by_set.values()))
     layer_pngs = []
-    for layer, stats in first.items():
+    for layer, stats in tqdm(first.items(), desc="report", unit="layer", disable=not progress):
         name = f"layer_{layer:03d}.png"
         layer_figure(stats, out / name, linkage_method, None if groups is None else groups.get(layer))
         layer_pngs.append((layer, name))

@@ -1,0 +1,168 @@
+"""The committed benchmark models (benchmarks/models/) and the quality benchmark's smoke run.
+
+Each model is loaded with vanilla transformers, and on the committed validation splits
+(benchmarks/data/validation/) an independent perplexity loop must give at most its card's figure (+2 %) and
+far less than a unigram model fitted to that same text; expert usage, recounted from the router logits, must
+match the card and leave no expert with most of a layer's tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "benchmarks" / "models"
+DATA = REPO / "benchmarks" / "data"
+DOMAINS = ("austen", "bible", "lambada", "wiki", "pydocs")
+EXPECTED = {  # name: (transformers class, routed experts, top-k, shared expert)
+    "mixtral-upcycled": ("MixtralForCausalLM", 8, 2, False),
+    "qwen2moe-upcycled": ("Qwen2MoeForCausalLM", 32, 4, True),
+    "olmoe-scratch": ("OlmoeForCausalLM", 16, 2, False),
+}
+MAX_BYTES = 25 * 1024 * 1024
+
+
+def documents(split: str, domain: str) -> list[str]:
+    with gzip.open(DATA / split / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def token_ids(tokenizer, docs: list[str]) -> list[int]:
+    ids = []
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids
+
+
+def test_evaluation_splits_and_calibration_sets_share_no_document():
+    """Splits are by document: no validation document is a test one, and no calibration document (drawn from the
+    train splits) is either."""
+    held_out = {}
+    for split in ("validation", "test"):
+        held_out[split] = {doc for d in DOMAINS for doc in documents(split, d)}
+        assert all(documents(split, d) for d in DOMAINS)
+    assert not held_out["validation"] & held_out["test"]
+    for name in ("general", "prose", "code"):
+        with gzip.open(DATA / f"calib_{name}.jsonl.gz", "rt", encoding="utf-8") as f:
+            calib = {json.loads(line)["text"] for line in f}
+        assert calib and not calib & (held_out["validation"] | held_out["test"])
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def trained(request):
+    """(name, card, model in float32, {domain: (validation token ids, NLL sum, predicted tokens)}, [layers, experts]
+    top-k counts, tokens routed): one pass over the validation windows of the card's length."""
+    name = request.param
+    path = MODELS / name
+    card = json.loads((path / "card.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    seq_len, k = card["seq_len"], model.config.num_experts_per_tok
+    scores, counts, tokens = {}, 0, 0
+    with torch.inference_mode():
+        for domain in DOMAINS:
+            stream, nll, predicted = token_ids(tokenizer, documents("validation", domain)), 0.0, 0
+            for start in range(0, len(stream), seq_len):
+                window = torch.tensor(stream[start : start + seq_len])
+                if len(window) < 2:
+                    continue
+                out = model(input_ids=window[None], output_router_logits=True)
+                logp = torch.log_softmax(out.logits[0, :-1].double(), dim=-1)
+                nll -= logp.gather(1, window[1:, None]).sum().item()
+                predicted += len(window) - 1
+                chosen = [lg.topk(k, dim=-1).indices.flatten() for lg in out.router_logits]
+                counts = counts + torch.stack(
+                    [torch.bincount(c, minlength=out.router_logits[0].shape[-1]) for c in chosen]
+                )
+                tokens += len(window)
+            scores[domain] = (stream, nll, predicted)
+    return name, card, model, scores, counts, tokens
+
+
+def test_model_is_the_promised_architecture_in_bf16_under_25_mb(trained):
+    name, card, model, *_ = trained
+    cls, experts, top_k, shared = EXPECTED[name]
+    assert type(model).__name__ == cls
+    config = model.config
+    assert getattr(config, "num_local_experts", getattr(config, "num_experts", None)) == experts
+    assert config.num_experts_per_tok == top_k
+    assert hasattr(model.model.layers[0].mlp, "shared_expert") == shared
+    files = list((MODELS / name).glob("*.safetensors"))
+    assert files and sum(f.stat().st_size for f in files) <= MAX_BYTES
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            assert {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {"BF16"}
+    assert card["training_minutes"] <= 60
+
+
+def test_validation_perplexity_at_most_the_card_and_far_below_unigram(trained):
+    """Per domain: exp(mean NLL) from a plain log-softmax gather, against the card and a unigram model."""
+    name, card, model, scores, *_ = trained
+    seq_len = card["seq_len"]
+    for domain, (stream, nll, predicted) in scores.items():
+        ppl = math.exp(nll / predicted)
+        assert ppl <= card["validation_perplexity"][domain] * 1.02, (name, domain, ppl)
+        # unigram with add-one smoothing, fitted to the very tokens it is scored on (so it is optimistic)
+        targets = [t for s in range(0, len(stream), seq_len) for t in stream[s + 1 : s + seq_len]]
+        assert len(targets) == predicted
+        freq, vocab = Counter(targets), model.config.vocab_size
+        unigram = math.exp(-sum(math.log((freq[t] + 1) / (len(targets) + vocab)) for t in targets) / len(targets))
+        assert ppl < unigram / 3, (name, domain, ppl, unigram)
+
+
+def test_expert_usage_matches_the_card_and_no_expert_takes_most_tokens(trained):
+    name, card, _, _, counts, tokens = trained
+    shares = counts.double() / counts.sum(dim=1, keepdim=True)
+    assert torch.allclose(shares, torch.tensor(card["expert_usage"], dtype=torch.float64), atol=0.002)
+    assert (counts.double() / tokens).max() < 0.5, f"{name}: an expert takes most tokens of a layer"
+    assert (counts > 0).all(), f"{name}: an expert is never used"
+
+
+def test_quality_benchmark_smoke_run(tmp_path):
+    """The smoke variant writes its table, CSV and plot; its original row's perplexity on the first 512 test tokens
+    of each domain equals an independent computation, and its fidelity to itself is perfect."""
+    out = tmp_path / "quality"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality" / "run.py"), "--smoke", "--out", str(out)], check=True
+    )
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["router"], r["method"]) for r in rows] == [
+        ("", "original"),
+        ("reduce", "hc-smoe"),
+        ("reduce", "f-prune"),
+        ("grouped", "hc-smoe"),
+    ]
+    assert {r["removed"] for r in rows[1:]} == {"0.5"} and {r["experts"] for r in rows[1:]} == {"4"}
+    original = rows[0]
+    assert float(original["hidden_cosine"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(original["hidden_l2"]) == pytest.approx(0.0, abs=1e-6)
+    name = original["model"]
+    model = AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODELS / name)
+    for domain in DOMAINS:
+        stream = token_ids(tokenizer, documents("test", domain))[:512]
+        nll, count = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, 512, 256):
+                window = torch.tensor(stream[start : start + 256])
+                logp = torch.log_softmax(model(input_ids=window[None]).logits[0, :-1].double(), dim=-1)
+                nll -= logp.gather(1, window[1:, None]).sum().item()
+                count += len(window) - 1
+        assert float(original[f"ppl_{domain}"]) == pytest.approx(math.exp(nll / count), rel=1e-4)
+    for row in rows[1:]:
+        assert float(row["ppl_mean"]) > 0 and 0 < float(row["hidden_cosine"]) <= 1
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| reduce | hc-smoe |" in (out / "results.md").read_text()
