@@ -29,14 +29,15 @@ def usage_matrix(stats: dict[int, LayerStatistics]) -> np.ndarray:
 
 
 def usage_heatmaps(stats_by_set: dict[str, dict[int, LayerStatistics]], path: Path) -> None:
-    """One heatmap (MoE layers x experts, share of routing slots in %) per calibration set, on one colour scale."""
+    """One heatmap (MoE layers x experts, share of routing slots in %) per calibration set, stacked, on one
+    colour scale."""
     matrices = {name: 100 * usage_matrix(stats) for name, stats in stats_by_set.items()}
     layers = list(next(iter(stats_by_set.values())))
     n = next(iter(matrices.values())).shape[1]
     vmax = max(m.max() for m in matrices.values())
-    width = min(4 + 0.35 * n, 14) * len(matrices)
-    fig = Figure(figsize=(width, 1.6 + 0.32 * len(layers)), dpi=100, layout="constrained")
-    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    height = (1.4 + 0.32 * len(layers)) * len(matrices) + 0.4
+    fig = Figure(figsize=(min(5 + 0.35 * n, 16), height), dpi=100, layout="constrained")
+    axes = fig.subplots(len(matrices), 1, squeeze=False)[:, 0]
     for ax, (name, matrix) in zip(axes, matrices.items(), strict=True):
         image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
         ax.set_title(f"expert usage, calibration: {name}", fontsize=10)
