@@ -60,6 +60,12 @@ def test_evaluation_splits_and_calibration_sets_share_no_document():
         assert calib and not calib & (held_out["validation"] | held_out["test"])
 
 
+def summed_nll(logits: torch.Tensor, window: torch.Tensor) -> float:
+    """Sum of -log p(next token) over a window [L] from its logits [L, V], by a plain float64 log-softmax gather."""
+    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+    return -logp.gather(1, window[1:, None]).sum().item()
+
+
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
 def trained(request):
     """(name, card, model in float32, {domain: (validation token ids, NLL sum, predicted tokens)}, [layers, experts]
@@ -79,8 +85,7 @@ def trained(request):
                 if len(window) < 2:
                     continue
                 out = model(input_ids=window[None], output_router_logits=True)
-                logp = torch.log_softmax(out.logits[0, :-1].double(), dim=-1)
-                nll -= logp.gather(1, window[1:, None]).sum().item()
+                nll += summed_nll(out.logits[0], window)
                 predicted += len(window) - 1
                 chosen = [lg.topk(k, dim=-1).indices.flatten() for lg in out.router_logits]
                 counts = counts + torch.stack(
@@ -158,8 +163,7 @@ def test_quality_benchmark_smoke_run(tmp_path):
         with torch.inference_mode():
             for start in range(0, 512, 256):
                 window = torch.tensor(stream[start : start + 256])
-                logp = torch.log_softmax(model(input_ids=window[None]).logits[0, :-1].double(), dim=-1)
-                nll -= logp.gather(1, window[1:, None]).sum().item()
+                nll += summed_nll(model(input_ids=window[None]).logits[0], window)
                 count += len(window) - 1
         assert float(original[f"ppl_{domain}"]) == pytest.approx(math.exp(nll / count), rel=1e-4)
     for row in rows[1:]:

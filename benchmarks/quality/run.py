@@ -21,7 +21,6 @@ it (``tests/test_benchmark_models.py``).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
@@ -33,7 +32,7 @@ from transformers import AutoConfig
 
 from moemerge.calibration import load_calibration, load_tokens
 from moemerge.checkpoint import inspect_source, load_source
-from moemerge.compare import parse_variant, reduce_variant
+from moemerge.compare import parse_variant, reduce_variant, write_csv
 from moemerge.evaluation.fidelity import fidelity
 from moemerge.evaluation.perplexity import perplexity, windows
 from moemerge.methods import PRUNING_METHODS
@@ -120,13 +119,6 @@ def run_model(name: str, variants, removed, calib_sets, calib_samples: int, test
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-
-
 def lookup(rows, model, method, fraction, calibration="general", router="reduce") -> dict | None:
     for row in rows:
         if (row["model"], row["method"], row["removed"], row["calibration"], row["router"]) == (
@@ -140,13 +132,14 @@ def lookup(rows, model, method, fraction, calibration="general", router="reduce"
     return None
 
 
-def finding(rows, models, removed, title: str, better, worse: list[str], **where) -> str | None:
-    """'title: holds in k of m cells' where ``better``'s mean perplexity is below every one of ``worse``'s."""
+def finding(rows, models, removed, title: str, better, worse: list[str], better_router: str = "reduce") -> str | None:
+    """'title: holds in k of m cells' where ``better``'s mean perplexity (with ``better_router``) is below every one
+    of ``worse``'s (router reduce); general calibration."""
     cells, holds, details = 0, 0, []
     for model in models:
         for fraction in removed:
-            a = lookup(rows, model, better, fraction, **where)
-            others = [lookup(rows, model, w, fraction, **where) for w in worse]
+            a = lookup(rows, model, better, fraction, router=better_router)
+            others = [lookup(rows, model, w, fraction) for w in worse]
             if a is None or any(o is None for o in others):
                 continue
             best_other = min(others, key=lambda o: o["ppl_mean"])
@@ -178,23 +171,10 @@ def findings(rows: list[dict], models: list[str], removed) -> list[str]:
         ("Permutation alignment before merging helps", "hc-smoe:align=true", ["hc-smoe"]),
     ]
     lines = [finding(rows, models, removed, *check) for check in checks]
-    lines.append(finding_routers(rows, models, removed))
+    title = "Grouped routing (the paper's exact routing) beats the reduced r-row router, HC-SMoE"
+    lines.append(finding(rows, models, removed, title, "hc-smoe", ["hc-smoe"], better_router="grouped"))
     lines += calibration_spread(rows, models, removed)
     return [line for line in lines if line]
-
-
-def finding_routers(rows, models, removed) -> str | None:
-    cells, holds, details = 0, 0, []
-    for model in models:
-        for fraction in removed:
-            a = lookup(rows, model, "hc-smoe", fraction, router="grouped")
-            b = lookup(rows, model, "hc-smoe", fraction)
-            if a and b:
-                cells += 1
-                holds += a["ppl_mean"] < b["ppl_mean"]
-                details.append(f"{model} -{fraction:.0%}: {a['ppl_mean']:.1f} vs {b['ppl_mean']:.1f}")
-    title = "Grouped routing (the paper's exact routing) beats the reduced r-row router, HC-SMoE"
-    return f"- **{title}**: holds in {holds} of {cells} cells ({'; '.join(details)})." if cells else None
 
 
 def calibration_spread(rows, models, removed) -> list[str]:

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from moemerge.calibration import check_spec, load_calibration
 from moemerge.checkpoint import atomic_output, inspect_source, load_source
-from moemerge.checkpoint.writer import check_output
+from moemerge.checkpoint.writer import check_not_source, check_output
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.evaluate import check_evaluation, evaluation_windows, measure
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, check_linkage
@@ -133,8 +133,7 @@ def compare(
     out = Path(out)
     check_output(out, force)
     source = inspect_source(model)
-    if out.resolve() == source.path.resolve():
-        raise MoemergeError(f"--out {out} is the model directory; choose another output directory")
+    check_not_source(out, source.path)
     check_uniform_source(source.path)
     config = AutoConfig.from_pretrained(source.path)
     n = source.family.num_experts(config)

@@ -28,7 +28,7 @@ from moemerge.checkpoint.source import (
     resolve_dtype,
     stored_expert_counts,
 )
-from moemerge.checkpoint.writer import check_output
+from moemerge.checkpoint.writer import check_not_source, check_output
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, SoftGroups, check_linkage, layer_budgets
 from moemerge.merging import (
@@ -388,8 +388,7 @@ def prepare(
     if out is not None:
         out = Path(out)
         check_output(out, force)
-        if out.resolve() == source.path.resolve():
-            raise MoemergeError(f"--out {out} is the source model directory; choose another output directory")
+        check_not_source(out, source.path)
     check_uniform_source(source.path)
     config = AutoConfig.from_pretrained(source.path)
     n = source.family.num_experts(config)

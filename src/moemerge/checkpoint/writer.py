@@ -41,6 +41,12 @@ def check_output(out: Path, force: bool) -> None:
         raise MoemergeError(f"output path {out} is a file, not a directory; choose another --out")
 
 
+def check_not_source(out: Path, source: Path) -> None:
+    """Fail if ``out`` is the source model's own directory (``--force`` would delete the model)."""
+    if out.resolve() == source.resolve():
+        raise MoemergeError(f"--out {out} is the source model directory; choose another output directory")
+
+
 def write_json(obj, out: str | Path) -> None:
     """Write ``obj`` as indented JSON to the file ``out`` atomically (a temporary file beside it, renamed into
     place), creating its folder."""

@@ -8,7 +8,7 @@ from transformers import AutoConfig
 
 from moemerge.calibration import check_spec, load_calibration
 from moemerge.checkpoint import atomic_output, inspect_source, load_source
-from moemerge.checkpoint.writer import check_output
+from moemerge.checkpoint.writer import check_not_source, check_output
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.cost import parameter_counts
 from moemerge.progress import phase
@@ -68,8 +68,7 @@ def inspect(
     out = Path(out)
     check_output(out, force)
     source = inspect_source(model, allow_pickle=allow_pickle)
-    if out.resolve() == source.path.resolve():
-        raise MoemergeError(f"--out {out} is the model directory; choose another output directory")
+    check_not_source(out, source.path)
     config = AutoConfig.from_pretrained(source.path)
     with phase(f"loading {source.path}"):
         loaded, tokenizer = load_source(source, dtype=dtype, device=device)
