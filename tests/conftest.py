@@ -42,10 +42,13 @@ NUM_EXPERTS = 8
 TOP_K = 2
 
 
-def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K):
-    """A 2-MoE-layer config of ``family`` (DeepSeek-V3 adds one dense first layer and 2 routing groups)."""
+def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K, **overrides):
+    """A 2-MoE-layer config of ``family`` (DeepSeek-V3 adds one dense first layer and 2 routing groups);
+    ``overrides`` replace any config field (e.g. ``num_hidden_layers``)."""
     if family == "mixtral":
-        return MixtralConfig(
+        return _config(
+            MixtralConfig,
+            overrides,
             **COMMON,
             num_key_value_heads=2,
             intermediate_size=16,
@@ -54,7 +57,9 @@ def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K)
             num_experts_per_tok=top_k,
         )
     if family == "qwen2_moe":
-        return Qwen2MoeConfig(
+        return _config(
+            Qwen2MoeConfig,
+            overrides,
             **COMMON,
             num_key_value_heads=2,
             intermediate_size=48,
@@ -66,7 +71,9 @@ def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K)
             norm_topk_prob=False,
         )
     if family == "qwen3_moe":
-        return Qwen3MoeConfig(
+        return _config(
+            Qwen3MoeConfig,
+            overrides,
             **COMMON,
             num_key_value_heads=2,
             head_dim=8,
@@ -78,7 +85,9 @@ def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K)
             norm_topk_prob=True,
         )
     if family == "olmoe":
-        return OlmoeConfig(
+        return _config(
+            OlmoeConfig,
+            overrides,
             **COMMON,
             num_key_value_heads=2,
             intermediate_size=16,
@@ -87,7 +96,9 @@ def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K)
             num_experts_per_tok=top_k,
         )
     if family == "deepseek_v3":
-        return DeepseekV3Config(
+        return _config(
+            DeepseekV3Config,
+            overrides,
             **COMMON,
             num_key_value_heads=4,
             intermediate_size=48,
@@ -110,6 +121,19 @@ def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K)
     raise ValueError(family)
 
 
+def run_cli(argv: list, capture) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``moemerge`` run in-process (pytest capture fixture ``capture``); argparse's
+    SystemExit becomes the code."""
+    from moemerge.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capture.readouterr()
+    return code, out, err
+
+
 def layer_stats(layer: int, mean_output: torch.Tensor, counts: torch.Tensor, num_tokens: int, **fields):
     """LayerStatistics from hand-made tensors; router sums and REAP saliency default to zeros, the rule to top-2."""
     from moemerge.adapters import RoutingRule
@@ -119,6 +143,10 @@ def layer_stats(layer: int, mean_output: torch.Tensor, counts: torch.Tensor, num
     defaults = dict(prob_sum=torch.zeros(n, dtype=torch.float64), reap=torch.zeros(n, dtype=torch.float64))
     defaults["routing"] = RoutingRule(top_k=TOP_K)
     return LayerStatistics(layer, mean_output, counts, num_tokens, **(defaults | fields))
+
+
+def _config(config_class, overrides: dict, **fields):
+    return config_class(**(fields | overrides))
 
 
 def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:

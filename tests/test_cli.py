@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from conftest import EXPERT_FIELD, FAMILIES, save_tiny, tiny_model
+from conftest import run_cli as run
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from moemerge import pipeline
@@ -42,16 +43,6 @@ def calib(tmp_path_factory) -> Path:
 def src(tmp_path_factory) -> Path:
     """A tiny Mixtral checkpoint (8 experts, top-2) with the demo tokenizer."""
     return save_tiny("mixtral", tmp_path_factory.mktemp("src") / "mixtral")
-
-
-def run(argv: list[str], capture) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``moemerge`` run in-process (fd-level capture); argparse's SystemExit becomes the code."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capture.readouterr()
-    return code, out, err
 
 
 def assert_clean_error(code: int, err: str, out_dir: Path) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXPERT_FIELD, FAMILIES, VOCAB, save_tiny, tiny_config, tiny_model
+from conftest import EXPERT_FIELD, FAMILIES, VOCAB, run_cli, save_tiny, tiny_config, tiny_model
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -27,7 +27,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moemerge
 from moemerge import MoemergeError, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
-from moemerge.cli import main
 from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions, keep_highest, o_prune
 from moemerge.statistics import collect_statistics
 
@@ -467,11 +466,8 @@ def source(workdir):
 
 
 def cli(argv: list, capfd) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capfd.readouterr().err
+    code, _, err = run_cli(argv, capfd)
+    return code, err
 
 
 def expert_key(key: str) -> tuple[str, int, str] | None:

@@ -32,6 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     _reduction_options(p)
     p.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report/ (figures of the groups)")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="load, reduce and write one decoder layer at a time (memory of about one layer, for models larger "
+        "than RAM); same output as without it, in one shard per layer",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --stream: collect each layer's statistics from the already-reduced layers' hidden states "
+        "(default: the original model's, as the paper)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="with --stream: continue an interrupted run from its last finished layer"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
     _device_options(p)
@@ -228,16 +243,28 @@ def _reduction_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _reduce(args: argparse.Namespace) -> None:
-    result = reduce(
-        args.model,
-        args.out,
+    from moemerge.checkpoint.source import resolve_device
+    from moemerge.distributed import init_from_environment, is_writer
+
+    for flag in ("sequential", "resume"):
+        if getattr(args, flag) and not args.stream:
+            raise MoemergeError(f"--{flag} works layer by layer: add --stream")
+    init_from_environment(resolve_device(args.device))
+    common = dict(
         force=args.force,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
         report=not args.no_report,
         **_reduction_kwargs(args),
     )
-    _print_reduced(result, args)
+    if args.stream:
+        from moemerge.streaming import reduce_streaming
+
+        result = reduce_streaming(args.model, args.out, sequential=args.sequential, resume=args.resume, **common)
+    else:
+        result = reduce(args.model, args.out, **common)
+    if is_writer():
+        _print_reduced(result, args)
 
 
 def _plan(args: argparse.Namespace) -> None:

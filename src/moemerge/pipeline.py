@@ -24,11 +24,13 @@ from moemerge.checkpoint.source import (
     LOWRANK_FILE,
     SIDECAR,
     SourceModel,
+    load_tokenizer,
     resolve_device,
     resolve_dtype,
     stored_expert_counts,
 )
 from moemerge.checkpoint.writer import check_not_source, check_output
+from moemerge.distributed import barrier, is_writer
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, SoftGroups, check_linkage, layer_budgets
 from moemerge.merging import (
@@ -188,31 +190,45 @@ def apply_groups(
     Returns the original routers, per decoder layer (weight [n, H], selection bias [n] or None),
     which grouped routing keeps.
     """
-    rule = resolve("merge", merge)
     originals = {}
     for view in tqdm(family.moe_layers(model), desc="merging", unit="layer", disable=not progress):
-        layer_groups, layer_stats = groups[view.layer], stats[view.layer]
-        bias = view.selection_bias
-        originals[view.layer] = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
-        weights = view.expert_weights()
-        if align:
-            if isinstance(layer_groups, SoftGroups):
-                raise ValueError("alignment permutes each expert towards one group; soft groups share every expert")
-            weights = align_groups(*weights, layer_groups, layer_stats.counts)
-        alphas = member_weights(merge, layer_stats, layer_groups)
-        units = None
-        if rule.match is not None:
-            inputs = layer_stats.router_inputs
-            if inputs is None:
-                raise ValueError(f"--merge {merge} needs router inputs sampled during calibration (router_sample > 0)")
-            routed = routed_tokens(view.routing, view.router_weight, bias, inputs)
-            units = match_groups(rule.match, weights, layer_groups, alphas, view.act_fn, inputs, routed)
-        merged = merge_experts(weights, layer_groups, alphas, units)
-        weight, new_bias = build_router_rows(router_rows_rule, view.router_weight, bias, layer_groups, layer_stats)
-        view.set_experts(*merged)
-        view.set_router(weight, new_bias)
+        originals[view.layer] = merge_layer(view, groups[view.layer], stats[view.layer], merge, router_rows_rule, align)
     family.set_num_experts(model, max(len(g) for g in groups.values()))
     return originals
+
+
+@torch.no_grad()
+def merge_layer(
+    view: MoELayerView,
+    groups: list[list[int]],
+    stats: LayerStatistics,
+    merge: str = "frequency",
+    router_rows_rule: str = "frequency",
+    align: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Merge one MoE layer in place to ``groups`` and give it a router with a row per group (see
+    :func:`apply_groups`). Returns its original router: weight [n, H] and selection bias [n] or None."""
+    rule = resolve("merge", merge)
+    bias = view.selection_bias
+    original = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
+    weights = view.expert_weights()
+    if align:
+        if isinstance(groups, SoftGroups):
+            raise ValueError("alignment permutes each expert towards one group; soft groups share every expert")
+        weights = align_groups(*weights, groups, stats.counts)
+    alphas = member_weights(merge, stats, groups)
+    units = None
+    if rule.match is not None:
+        inputs = stats.router_inputs
+        if inputs is None:
+            raise ValueError(f"--merge {merge} needs router inputs sampled during calibration (router_sample > 0)")
+        routed = routed_tokens(view.routing, view.router_weight, bias, inputs)
+        units = match_groups(rule.match, weights, groups, alphas, view.act_fn, inputs, routed)
+    merged = merge_experts(weights, groups, alphas, units)
+    weight, new_bias = build_router_rows(router_rows_rule, view.router_weight, bias, groups, stats)
+    view.set_experts(*merged)
+    view.set_router(weight, new_bias)
+    return original
 
 
 @torch.no_grad()
@@ -318,7 +334,7 @@ class Prepared:
     options: dict
     source: SourceModel
     config: PretrainedConfig
-    loaded: torch.nn.Module
+    loaded: torch.nn.Module | None
     calibration: CalibrationSet
     layers: list[MoELayerView]
     stats: dict[int, LayerStatistics]
@@ -357,13 +373,18 @@ def prepare(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    load: bool = True,
 ) -> Prepared:
     """Check every option (and ``out``, unless None), load the model and collect its calibration statistics.
 
-    The keyword arguments are :func:`reduce`'s; they are kept (without force, allow_pickle, progress) as
-    ``Prepared.options``, which is what a recipe records.
+    The keyword arguments are :func:`reduce`'s; they are kept (without force, allow_pickle, progress, load) as
+    ``Prepared.options``, which is what a recipe records. ``load=False`` stops after the checks and the
+    calibration tokens (``loaded`` None, no layers or statistics, ``rank`` unresolved): the streaming path
+    loads one layer at a time itself.
     """
-    recorded = {k: v for k, v in locals().items() if k not in ("model", "out", "force", "allow_pickle", "progress")}
+    recorded = {
+        k: v for k, v in locals().items() if k not in ("model", "out", "force", "allow_pickle", "progress", "load")
+    }
     start = time.perf_counter()
     for kind, name in (("method", method), ("cluster", cluster), ("merge", merge), ("router-rows", router_rows)):
         resolve(kind, name)
@@ -395,6 +416,11 @@ def prepare(
     r = target_experts(n, experts, ratio)
     check_budget(source.family, config, r, budget, router)
 
+    if not load:
+        calibration = load_calibration(
+            calib, load_tokenizer(source), calib_samples, calib_seq_len, seed, config.get_text_config().vocab_size
+        )
+        return Prepared(model, recorded, source, config, None, calibration, [], {}, r, rank, start)
     with phase(f"loading {source.path}"):
         loaded, tokenizer = load_source(source, dtype=dtype, device=device)
     vocab_size = loaded.get_input_embeddings().num_embeddings
@@ -461,7 +487,7 @@ def write_reduced(
         from moemerge.report import architecture
 
         original = architecture(str(run.model_arg), loaded, source.family, run.config)
-    method, router, sparsity = o["method"], o["router"], o["sparsity"]
+    method, sparsity = o["method"], o["sparsity"]
     params_before = sum(p.numel() for p in loaded.parameters())
     with phase(f"merging ({o['merge']})"):
         originals = apply_groups(
@@ -473,22 +499,60 @@ def write_reduced(
         with phase(f"compressing (rank {run.rank}, sparsity {sparsity})"):
             lowrank, saved = compress_experts(layers, run.rank, sparsity, progress)
         stored_params = sum(p.numel() for p in loaded.parameters()) - saved
-        compression = {
-            "rank": run.rank,
-            "sparsity": sparsity,
-            "param_budget": o["param_budget"],
-            "stored_parameters": stored_params,
-            "file": LOWRANK_FILE,
-        }
+        compression = compression_record(run, stored_params)
 
     tensor_files = {LOWRANK_FILE: lowrank} if compression else {}
-    if router == "grouped":
-        routers = {f"layers.{layer}.weight": w for layer, (w, _) in originals.items()}
-        routers |= {
-            f"layers.{layer}.e_score_correction_bias": b for layer, (_, b) in originals.items() if b is not None
-        }
-        tensor_files[SIDECAR] = routers
-    effective = method_options(method, method_options_of(o))
+    if o["router"] == "grouped":
+        tensor_files[SIDECAR] = router_tensors(originals)
+    meta = reduction_metadata(run, groups, stats, compression)
+    if is_writer():
+        with atomic_output(out, force) as tmp:
+            with phase(f"writing {out}"):
+                write_checkpoint(loaded, source.path, tmp, meta, tensor_files)
+            if report:
+                write_reduce_report(tmp, run, original, groups, stats, progress)
+    barrier()
+    return ReduceResult(
+        out=Path(out),
+        groups=groups,
+        num_experts=source.family.num_experts(run.config),
+        experts=run.r,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in loaded.parameters()),
+        bytes_before=sum(f.stat().st_size for f in source.weight_files),
+        bytes_after=sum(f.stat().st_size for f in Path(out).glob("*.safetensors")),
+        calibration_tokens=run.calibration.num_tokens,
+        seconds=time.perf_counter() - run.start,
+        stored_params=stored_params,
+    )
+
+
+def compression_record(run: Prepared, stored_params: int) -> dict:
+    """What ``moemerge.json`` says about mc-smoe's low-rank compression."""
+    o = run.options
+    return {
+        "rank": run.rank,
+        "sparsity": o["sparsity"],
+        "param_budget": o["param_budget"],
+        "stored_parameters": stored_params,
+        "file": LOWRANK_FILE,
+    }
+
+
+def router_tensors(originals: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    """The original routers that ``--router grouped`` keeps, as the tensors of its sidecar file."""
+    routers = {f"layers.{layer}.weight": w for layer, (w, _) in originals.items()}
+    return routers | {
+        f"layers.{layer}.e_score_correction_bias": b for layer, (_, b) in originals.items() if b is not None
+    }
+
+
+def reduction_metadata(
+    run: Prepared, groups: dict[int, list[list[int]]], stats: dict[int, LayerStatistics], compression: dict | None
+) -> dict:
+    """``moemerge.json``: method, options, source, calibration, package versions and the layers' groups."""
+    o, source = run.options, run.source
+    effective = method_options(o["method"], method_options_of(o))
     parameters = {
         "experts": run.r,
         "ratio": o["ratio"],
@@ -500,7 +564,7 @@ def write_reduced(
         "merge": o["merge"],
         "align": o["align"],
         "rank": run.rank,
-        "sparsity": sparsity,
+        "sparsity": o["sparsity"],
         "param_budget": o["param_budget"],
         "router_rows": o["router_rows"],
         "oprune_budget": o["oprune_budget"],
@@ -512,16 +576,15 @@ def write_reduced(
         "device": o["device"],
         "seed": o["seed"],
     }
-    n = source.family.num_experts(run.config)
     meta = {
         "format_version": 1,
-        "method": method,
-        "router": router,
+        "method": o["method"],
+        "router": o["router"],
         "parameters": parameters,
         "source": {
             "path": str(run.model_arg),
             "model_type": run.config.model_type,
-            "num_experts": n,
+            "num_experts": source.family.num_experts(run.config),
             "top_k": source.family.routing_rule(run.config).top_k,
         },
         "calibration": {
@@ -535,30 +598,20 @@ def write_reduced(
     }
     if compression:
         meta["compression"] = compression
-    with atomic_output(out, force) as tmp:
-        with phase(f"writing {out}"):
-            write_checkpoint(loaded, source.path, tmp, meta, tensor_files)
-        bytes_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-        if report:
-            from moemerge.report import write_report
+    return meta
 
-            title = f"moemerge reduce ({method}, {run.r} of {n} experts)"
-            with phase("report"):
-                calibrated = {run.calibration.spec: stats}
-                write_report(tmp / "report", original, calibrated, groups, o["linkage"], title, progress)
-    return ReduceResult(
-        out=Path(out),
-        groups=groups,
-        num_experts=n,
-        experts=run.r,
-        params_before=params_before,
-        params_after=sum(p.numel() for p in loaded.parameters()),
-        bytes_before=sum(f.stat().st_size for f in source.weight_files),
-        bytes_after=bytes_after,
-        calibration_tokens=run.calibration.num_tokens,
-        seconds=time.perf_counter() - run.start,
-        stored_params=stored_params,
-    )
+
+def write_reduce_report(
+    out: Path, run: Prepared, original: dict, groups: dict, stats: dict[int, LayerStatistics], progress: bool
+) -> None:
+    """``out/report/``: the report of the original model (``original`` is its :func:`architecture`) with
+    the chosen groups."""
+    from moemerge.report import write_report
+
+    title = f"moemerge reduce ({run.options['method']}, {run.r} of {run.source.family.num_experts(run.config)} experts)"
+    with phase("report"):
+        calibrated = {run.calibration.spec: stats}
+        write_report(out / "report", original, calibrated, groups, run.options["linkage"], title, progress)
 
 
 def layer_record(layer: int, groups: list[list[int]], stats: LayerStatistics) -> dict:

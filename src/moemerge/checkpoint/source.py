@@ -115,10 +115,12 @@ def load_source(source: SourceModel, dtype: str = "auto", device: str = "cpu"):
     except (OSError, ValueError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MoemergeError(f"transformers could not load {source.path}: {first_line}") from None
-    tokenizer = None
-    if any(source.path.glob("tokenizer*")):
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-    return model.to(dev).eval(), tokenizer
+    return model.to(dev).eval(), load_tokenizer(source)
+
+
+def load_tokenizer(source: SourceModel):
+    """The source's tokenizer, or None when it ships none."""
+    return AutoTokenizer.from_pretrained(source.path) if any(source.path.glob("tokenizer*")) else None
 
 
 def stored_expert_counts(path: Path) -> dict[int, int] | None:

@@ -75,19 +75,24 @@ def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=anchor))
     try:
         yield tmp
-        # mkdtemp and safetensors' atomic writes leave owner-only modes; give the usual ones
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        for file in tmp.iterdir():
-            file.chmod(0o666 & ~umask)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Give the finished directory ``tmp`` the usual file modes and rename it to ``out`` (replacing it)."""
+    # mkdtemp and safetensors' atomic writes leave owner-only modes
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for file in tmp.iterdir():
+        file.chmod(0o666 & ~umask)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def write_checkpoint(
@@ -100,6 +105,14 @@ def write_checkpoint(
     """Save ``model`` (sharded above 2 GB), the source's tokenizer and generation files, ``moemerge.json``,
     and moemerge's own tensor files (file name -> tensors), e.g. the original routers of grouped routing."""
     model.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
+    write_extras(source_dir, out_dir, metadata, tensor_files)
+
+
+def write_extras(
+    source_dir: Path, out_dir: Path, metadata: dict, tensor_files: dict[str, dict[str, torch.Tensor]] | None
+) -> None:
+    """Everything of a reduced checkpoint but the model: the source's tokenizer and generation files,
+    moemerge's own tensor files and ``moemerge.json``."""
     for pattern in COPIED_FILES:
         for file in sorted(source_dir.glob(pattern)):
             if file.is_file():

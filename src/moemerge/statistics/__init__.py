@@ -1,5 +1,5 @@
 """Per-layer calibration statistics: what every method is computed from."""
 
-from moemerge.statistics.expert_stats import LayerStatistics, collect_statistics
+from moemerge.statistics.expert_stats import LayerAccumulator, LayerStatistics, collect_statistics, sequence_offsets
 
-__all__ = ["LayerStatistics", "collect_statistics"]
+__all__ = ["LayerAccumulator", "LayerStatistics", "collect_statistics", "sequence_offsets"]

@@ -9,15 +9,19 @@ statistics of every layer come from the original model's hidden states (as in th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
 
 from moemerge.adapters import MoELayerView, RoutingRule
+from moemerge.distributed import gather_in_order, my_share, rank_and_world
 
-TOKEN_CHUNK = 1024
+CHUNK_BYTES = 128 << 20  # float32 size of the [chunk, n, 2I] expert activations of one token chunk
+_SUMMED = ("act", "counts", "prob", "reap")
 
 
 @dataclass
@@ -58,65 +62,133 @@ class LayerStatistics:
         return self.counts.double() / self.num_tokens
 
 
-class _LayerAccumulator:
+@dataclass
+class _SequenceSums:
+    """One calibration sequence's part of a layer's statistics: act [n, I] float64 sums of the intermediate
+    activations, counts [n], prob [n] and reap [n] sums, router logits [n, t] and sampled router inputs
+    [t', H] (or None)."""
+
+    act: torch.Tensor
+    counts: torch.Tensor
+    prob: torch.Tensor
+    reap: torch.Tensor
+    router_logits: torch.Tensor | None
+    router_inputs: torch.Tensor | None
+
+
+class LayerAccumulator:
+    """Gathers one MoE layer's statistics from the forward pre-hook :meth:`hook` on its block.
+
+    Each forward call (one calibration sequence) is summed on its own, then added to the running totals;
+    with several processes the per-sequence sums of all ranks are added in sequence order
+    (:mod:`moemerge.distributed`), so the result does not depend on the number of processes. ``seen`` is the
+    calibration-set offset of the next token (a driver that skips sequences sets it), which places the
+    sampled router inputs.
+    """
+
     def __init__(
         self,
         view: MoELayerView,
         total_tokens: int,
-        router_sample: int,
-        output_sample: int,
-        keep_router_logits: bool,
-        weight_gram: bool,
+        router_sample: int = 0,
+        output_sample: int = 0,
+        keep_router_logits: bool = False,
+        weight_gram: bool = False,
     ):
         self.view = view
+        self.total_tokens = total_tokens
         self.keep_router_logits, self.weight_gram = keep_router_logits, weight_gram
-        self.router_logits: list[torch.Tensor] = []
         n, intermediate = view.num_experts, view.block.experts.down_proj.shape[2]
         device = view.router_weight.device
         self.act_sum = torch.zeros(n, intermediate, dtype=torch.float64, device=device)
         self.counts = torch.zeros(n, dtype=torch.int64, device=device)
         self.prob_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.reap_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.router_logits: list[torch.Tensor] = []
+        self.router_inputs: list[torch.Tensor] = []
         self.seen = 0
         self.stride = math.ceil(total_tokens / router_sample) if router_sample else 0
         self.output_sample = output_sample
-        self.router_inputs: list[torch.Tensor] = []
+        self.pending: list[_SequenceSums] = []
+        self.distributed = rank_and_world()[1] > 1
 
     def hook(self, module, args) -> None:
         """Forward pre-hook on the MoE block: returns None so the forward is unchanged."""
         x = args[0].reshape(-1, args[0].shape[-1])
-        logits, weights, indices = self.view.block.gate(x)
-        n = len(self.counts)
-        self.counts += torch.bincount(indices.reshape(-1), minlength=n)
-        self.prob_sum += self.view.routing.scores(logits).sum(0, dtype=torch.float64)
-        if self.keep_router_logits:
-            self.router_logits.append(logits.float().T.cpu())
-        gates = weights.float() / weights.float().sum(-1, keepdim=True)
-        down = self.view.block.experts.down_proj
-        for start in range(0, len(x), TOKEN_CHUNK):
-            chunk, chunk_ids = x[start : start + TOKEN_CHUNK], indices[start : start + TOKEN_CHUNK]
-            chunk_gates = gates[start : start + TOKEN_CHUNK]
-            for j in range(n):
-                act = self.view.intermediate(chunk, j)
-                self.act_sum[j] += act.sum(0, dtype=torch.float64)
-                token, slot = (chunk_ids == j).nonzero(as_tuple=True)
-                if len(token):
-                    norms = (act[token].to(down.dtype) @ down[j].T).float().norm(dim=-1)
-                    self.reap_sum[j] += (chunk_gates[token, slot] * norms).sum(dtype=torch.float64)
-        if self.stride:
-            keep = (torch.arange(len(x), device=x.device) + self.seen) % self.stride == 0
-            self.router_inputs.append(x[keep].float().cpu())
+        sums = self.sequence_sums(x)
+        if self.distributed:
+            self.pending.append(sums)
+        else:
+            self.add(sums)
         self.seen += len(x)
 
+    def sequence_sums(self, x: torch.Tensor) -> _SequenceSums:
+        """The statistics of hidden states ``x`` [t, H] at the block's input, summed over its tokens.
+
+        Every expert runs on every token as one matrix multiply of a token chunk with the fused
+        ``gate_up_proj`` [n, 2I, H] seen as [n * 2I, H], in the weights' dtype; the intermediate
+        activations [chunk, n, I] are summed in float64. REAP needs ||E_j(x)|| only for the tokens
+        routed to j, so only those go through ``down_proj``.
+        """
+        view, experts = self.view, self.view.block.experts
+        logits, weights, indices = view.block.gate(x)
+        n, two_i, hidden = experts.gate_up_proj.shape
+        intermediate = two_i // 2
+        down = experts.down_proj
+        fused = experts.gate_up_proj.reshape(n * two_i, hidden)
+        gates = weights.float() / weights.float().sum(-1, keepdim=True)
+        act_sum = torch.zeros(n, intermediate, dtype=torch.float64, device=x.device)
+        reap = torch.zeros(n, dtype=torch.float64, device=x.device)
+        chunk = max(1, CHUNK_BYTES // (n * two_i * 4))
+        for start in range(0, len(x), chunk):
+            h = (x[start : start + chunk].to(fused.dtype) @ fused.T).view(-1, n, two_i)
+            act = view.act_fn(h[..., :intermediate]).float() * h[..., intermediate:].float()
+            act_sum += act.sum(0, dtype=torch.float64)
+            chunk_ids, chunk_gates = indices[start : start + chunk], gates[start : start + chunk]
+            for j in chunk_ids.unique().tolist():
+                token, slot = (chunk_ids == j).nonzero(as_tuple=True)
+                norms = (act[token, j].to(down.dtype) @ down[j].T).float().norm(dim=-1)
+                reap[j] += (chunk_gates[token, slot] * norms).sum(dtype=torch.float64)
+        inputs = None
+        if self.stride:
+            keep = (torch.arange(len(x), device=x.device) + self.seen) % self.stride == 0
+            inputs = x[keep].float().cpu()
+        return _SequenceSums(
+            act_sum,
+            torch.bincount(indices.reshape(-1), minlength=n),
+            view.routing.scores(logits).sum(0, dtype=torch.float64),
+            reap,
+            logits.float().T.cpu() if self.keep_router_logits else None,
+            inputs,
+        )
+
+    def add(self, sums: _SequenceSums) -> None:
+        """Add one sequence's sums to the totals."""
+        self.act_sum += sums.act.to(self.act_sum.device)
+        self.counts += sums.counts.to(self.counts.device)
+        self.prob_sum += sums.prob.to(self.prob_sum.device)
+        self.reap_sum += sums.reap.to(self.reap_sum.device)
+        if sums.router_logits is not None:
+            self.router_logits.append(sums.router_logits)
+        if sums.router_inputs is not None:
+            self.router_inputs.append(sums.router_inputs)
+
     def result(self) -> LayerStatistics:
+        """The layer's statistics over every sequence (of every rank)."""
+        if self.distributed:
+            local = [dataclasses.replace(s, **{f: getattr(s, f).cpu() for f in _SUMMED}) for s in self.pending]
+            for sums in gather_in_order(local):
+                self.add(sums)
+            self.pending = []
         down = self.view.block.experts.down_proj.double()
-        mean_output = torch.einsum("nhi,ni->nh", down, self.act_sum / self.seen).float().cpu()
+        act_mean = (self.act_sum / self.total_tokens).to(down.device)
+        mean_output = torch.einsum("nhi,ni->nh", down, act_mean).float().cpu()
         bias = self.view.selection_bias
         stats = LayerStatistics(
             self.view.layer,
             mean_output,
             self.counts.cpu(),
-            self.seen,
+            self.total_tokens,
             self.prob_sum.cpu(),
             (self.reap_sum / self.counts.clamp(min=1)).cpu(),
             self.view.routing,
@@ -176,14 +248,22 @@ def collect_statistics(
     """
     total = sum(len(s) for s in sequences)
     accumulators = [
-        _LayerAccumulator(view, total, router_sample, output_sample, keep_router_logits, weight_gram) for view in layers
+        LayerAccumulator(view, total, router_sample, output_sample, keep_router_logits, weight_gram) for view in layers
     ]
     handles = [acc.view.block.register_forward_pre_hook(acc.hook) for acc in accumulators]
     device = next(model.parameters()).device
+    offsets = sequence_offsets(sequences)
     try:
-        for seq in tqdm(sequences, desc="calibration", unit="seq", disable=not progress):
-            model(input_ids=seq[None].to(device), use_cache=False)
+        for i in tqdm(my_share(len(sequences)), desc="calibration", unit="seq", disable=not progress):
+            for acc in accumulators:
+                acc.seen = offsets[i]
+            model(input_ids=sequences[i][None].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     return {acc.view.layer: acc.result() for acc in accumulators}
+
+
+def sequence_offsets(sequences: list[torch.Tensor]) -> list[int]:
+    """The calibration-set offset of each sequence's first token."""
+    return list(accumulate((len(s) for s in sequences[:-1]), initial=0))

@@ -1,0 +1,196 @@
+"""One decoder layer at a time: a model skeleton on the meta device, whose layers are filled from the
+safetensors shards when their turn comes and emptied afterwards.
+
+transformers' own loading code turns a layer's on-disk tensors into its in-memory form (per-expert tensors
+fused into ``experts.gate_up_proj`` / ``down_proj``, renamed modules), and its saving code turns them back,
+so the streamed output has exactly the tensors ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model, revert_weight_conversion
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+
+from moemerge.errors import MoemergeError
+
+LAYERS = "model.layers."
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+class SourceTensors:
+    """The tensors of a checkpoint's safetensors files by name, read on demand from the memory-mapped files."""
+
+    def __init__(self, files: list[Path]):
+        self.file_of: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                self.file_of.update(dict.fromkeys(f.keys(), file))
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [name for name in self.file_of if name.startswith(prefix)]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for file in sorted({self.file_of[name] for name in names}):
+            with safe_open(file, framework="pt") as f:
+                tensors |= {name: f.get_tensor(name) for name in names if self.file_of[name] == file}
+        return tensors
+
+
+def model_dtype(config, dtype: torch.dtype | str) -> torch.dtype:
+    """The dtype ``from_pretrained(dtype=...)`` gives: the config's for "auto" (float32 if it names none)."""
+    if dtype != "auto":
+        return dtype
+    named = getattr(config, "dtype", None)
+    return getattr(torch, named) if isinstance(named, str) else named or torch.float32
+
+
+def skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The ``*ForCausalLM`` model of ``config`` with every weight on the meta device (no memory), in eval mode.
+
+    Buffers outside the decoder layers (the rotary embedding's frequencies) are computed for real.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, module in model.model.named_children():
+        if any(b.is_meta for b in module.buffers(recurse=False)) and not list(module.parameters()):
+            setattr(model.model, name, type(module)(config=model.config))
+    return model.eval()
+
+
+@contextmanager
+def _quiet_transformers():
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_into(
+    model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, filled: Callable[[str], bool]
+) -> None:
+    """Load on-disk ``tensors`` into ``model`` as from_pretrained would; every parameter whose name ``filled``
+    accepts must then be real."""
+    config = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model))
+    with _quiet_transformers():
+        convert_and_load_state_dict_in_model(model, tensors, config)
+    missing = [name for name, p in model.named_parameters() if filled(name) and p.is_meta]
+    if missing:
+        raise MoemergeError(f"the checkpoint has no tensors for {', '.join(missing[:3])}; it is incomplete")
+
+
+def load_layer(model: nn.Module, source: SourceTensors, index: int, dtype: torch.dtype) -> nn.Module:
+    """Decoder layer ``index`` of the skeleton, filled with its weights from ``source``."""
+    prefix = f"{LAYERS}{index}."
+    load_into(model, source.read(source.names(prefix)), dtype, lambda name: name.startswith(prefix))
+    return model.model.layers[index]
+
+
+def unload(module: nn.Module) -> None:
+    """Give a module's memory back: its tensors become meta tensors of the same shapes."""
+    module.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system. glibc raises its mmap threshold after large frees, so later
+    layer-sized buffers come from the heap, and without a trim each layer would leave part of itself in RSS."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def layer_tensors(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
+    """Decoder layer ``index``'s tensors as ``save_pretrained`` writes them (on-disk names and layout)."""
+    layer = model.model.layers[index]
+    state = {f"{LAYERS}{index}.{name}": t for name, t in layer.state_dict().items()}
+    return {name: t.contiguous().cpu() for name, t in revert_weight_conversion(model, state).items()}
+
+
+def outside_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers (embeddings, final norm, output head) as ``save_pretrained``
+    writes them: a tied output head is left out."""
+    state = {name: t for name, t in model.state_dict().items() if not name.startswith(LAYERS)}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        state = {name: t for name, t in state.items() if not name.startswith(_module_name(model, head) + ".")}
+    return {name: t.contiguous() for name, t in revert_weight_conversion(model, state).items()}
+
+
+def load_outside(model: nn.Module, source: SourceTensors, dtype: torch.dtype, only_input: bool = False) -> None:
+    """Fill the weights outside the decoder layers (with ``only_input``: the input embeddings alone)."""
+    if only_input:
+        prefix = _module_name(model, model.get_input_embeddings()) + "."
+        load_into(model, source.read(source.names(prefix)), dtype, lambda name: name.startswith(prefix))
+    else:
+        names = [name for name in source.file_of if not name.startswith(LAYERS)]
+        load_into(model, source.read(names), dtype, lambda name: not name.startswith(LAYERS))
+        model.tie_weights()
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+class _Recorded(Exception):
+    """Raised by the last recorder to stop the forward once every layer's arguments are known."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records the arguments the model passes it, returns its input."""
+
+    def __init__(self, calls: list, index: int, last: bool):
+        super().__init__()
+        self.calls, self.index, self.last = calls, index, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls[self.index] = (args, kwargs)
+        if self.last:
+            raise _Recorded
+        return hidden_states
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """(hidden states [1, T, H] entering decoder layer 0, the other arguments each decoder layer gets) for one
+    sequence ``input_ids`` [T], exactly as the model's own forward computes them (masks, rotary embeddings).
+
+    Only the input embeddings need to be loaded.
+    """
+    decoder = model.model
+    real = decoder.layers
+    calls: list = [None] * len(real)
+    decoder.layers = nn.ModuleList(_Recorder(calls, i, i == len(real) - 1) for i in range(len(real)))
+    embedded = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(out))
+    try:
+        decoder(input_ids=input_ids[None], use_cache=False)
+    except _Recorded:
+        pass
+    finally:
+        decoder.layers = real
+        handle.remove()
+    return embedded[0], calls
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    """The decoder layer's output hidden states for input ``hidden`` and its recorded arguments."""
+    args, kwargs = call
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

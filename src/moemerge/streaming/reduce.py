@@ -1,0 +1,277 @@
+"""``moemerge reduce --stream``: reduce a model one decoder layer at a time, never holding all of it.
+
+For each decoder layer in turn: read its tensors from the memory-mapped shards, run the calibration hidden
+states through it with the statistics hook on its MoE block, group and merge its experts, write its final
+shard, and free it. Peak memory is about one layer plus the calibration hidden states, whatever the depth.
+
+The statistics of layer l come, as in the paper, from the original model's hidden states (the original
+layer l's output is carried on), or with ``sequential`` from the already-reduced layers' (the reduced
+layer l's output is carried on, so each layer's merge sees the errors of the ones before it).
+Groups and weights equal the in-memory :func:`moemerge.reduce`'s bit for bit (same calibration forward,
+same statistics, same merge); only the shard layout differs: one shard per decoder layer, then one for
+the embeddings, final norm and head.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from moemerge.checkpoint.source import resolve_device, resolve_dtype
+from moemerge.checkpoint.writer import publish, write_extras
+from moemerge.distributed import barrier, is_writer, my_share, rank_and_world
+from moemerge.errors import MoemergeError
+from moemerge.methods import COMPRESSING_METHODS
+from moemerge.pipeline import (
+    LOWRANK_FILE,
+    SIDECAR,
+    ReduceResult,
+    compress_experts,
+    compression_rank,
+    compression_record,
+    merge_layer,
+    method_options_of,
+    plan_groups,
+    prepare,
+    reduction_metadata,
+    router_tensors,
+    statistics_needs,
+    write_reduce_report,
+)
+from moemerge.progress import phase
+from moemerge.recipes import model_identity
+from moemerge.statistics import LayerAccumulator, sequence_offsets
+from moemerge.streaming.layers import (
+    SourceTensors,
+    layer_inputs,
+    layer_tensors,
+    load_layer,
+    load_outside,
+    model_dtype,
+    outside_tensors,
+    run_layer,
+    skeleton,
+    unload,
+)
+from moemerge.streaming.state import RunState, partial_dir
+
+
+@torch.no_grad()
+def reduce_streaming(
+    model: str | Path,
+    out: str | Path,
+    *,
+    sequential: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    **options,
+) -> ReduceResult:
+    """Reduce the model in directory ``model`` layer by layer into ``out`` (see the module docstring).
+
+    ``options`` are :func:`moemerge.pipeline.prepare`'s; ``--budget`` must be uniform (a non-uniform budget
+    needs every layer's statistics before the first merge). ``resume``: continue the unfinished run of this
+    ``out`` (same model and options) from its last finished layer; the result is byte-identical to an
+    uninterrupted run's.
+    """
+    run = prepare(model, out, force=force, progress=progress, load=False, **options)
+    o, family, config = run.options, run.source.family, run.config
+    if run.source.uses_pickle:
+        raise MoemergeError(
+            f"--stream reads safetensors shards, and {run.source.path} holds pickle weights; convert them to "
+            "safetensors, or drop --stream"
+        )
+    if o["budget"] != "uniform":
+        raise MoemergeError(
+            f"--budget {o['budget']} needs every layer's statistics before the first merge, which --stream does "
+            "not keep; use --budget uniform, or drop --stream"
+        )
+    device = resolve_device(o["device"])
+    dtype = model_dtype(config, resolve_dtype(o["dtype"]))
+    rank_id, world = rank_and_world()
+    progress = progress and is_writer()
+    out = Path(out)
+
+    skel = skeleton(copy.deepcopy(config), dtype)
+    views = {view.layer: view for view in family.moe_layers(skel)}
+    if not views:
+        raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
+    if o["method"] in COMPRESSING_METHODS:
+        run.rank = compression_rank(next(iter(views.values())), o["rank"], o["sparsity"], o["param_budget"])
+    identity = {
+        "options": o,
+        "sequential": sequential,
+        "model": model_identity(run.source, config),
+        "calibration": run.calibration.sha256(),
+        "processes": world,
+    }
+    state = RunState.open(partial_dir(out), identity, resume, force)
+    if report:
+        from moemerge.report import architecture
+
+        original = architecture(str(run.model_arg), skel, family, config)
+    params_before = sum(p.numel() for p in skel.parameters())
+    source = SourceTensors(run.source.weight_files)
+    sequences = run.calibration.sequences
+    mine, offsets = my_share(len(sequences)), sequence_offsets(sequences)
+
+    with phase(f"layer inputs of {len(mine)} calibration sequences"):
+        load_outside(skel, source, dtype, only_input=True)
+        hidden, calls = {}, {}
+        for s in mine:
+            hidden[s], calls[s] = _to(layer_inputs(skel, sequences[s]), device)
+        unload(skel.get_input_embeddings())
+    start = state.next_layer
+    if start:
+        hidden = {s: h.to(device) for s, h in state.load_hidden(start, rank_id).items()}
+        for layer in range(start):
+            if layer in views:
+                _shrink(views[layer], len(state.state["layers"][str(layer)]["groups"]))
+
+    needs = statistics_needs([(o["method"], method_options_of(o), o["merge"], o["router_rows"])])
+    total = run.calibration.num_tokens
+    num_layers = config.num_hidden_layers
+    shards = num_layers + 1
+    with phase(f"streaming {num_layers - start} of {num_layers} decoder layers"):
+        for i in tqdm(range(start, num_layers), desc="layers", unit="layer", disable=not progress):
+            layer = load_layer(skel, source, i, dtype).to(device)
+            view = views.get(i)
+            if view is None:
+                hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+            else:
+                accumulator = LayerAccumulator(view, total, **needs)
+                handle = view.block.register_forward_pre_hook(accumulator.hook)
+                outputs = {}
+                try:
+                    for s in mine:
+                        accumulator.seen = offsets[s]
+                        outputs[s] = run_layer(layer, hidden[s], calls[s][i])
+                finally:
+                    handle.remove()
+                stats = accumulator.result()
+                groups = plan_groups(
+                    {i: stats}, family, config, run.r, o["method"], router=o["router"], options=method_options_of(o)
+                )[i]
+                router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
+                factors, saved = {}, 0
+                if o["method"] in COMPRESSING_METHODS:
+                    factors, saved = compress_experts([view], run.rank, o["sparsity"])
+                if sequential:
+                    outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                hidden = outputs
+                if is_writer():
+                    state.save_layer(i, groups, stats, router, factors, saved)
+            if is_writer():
+                save_file(layer_tensors(skel, i), state.partial / _shard(i + 1, shards), metadata={"format": "pt"})
+            state.save_hidden(i + 1, rank_id, hidden)
+            barrier()
+            if is_writer():
+                state.advance(i + 1)
+            barrier()
+            unload(layer)
+
+    if is_writer():
+        with phase(f"writing {out}"):
+            groups, stats = _finish(run, state, skel, source, dtype, views, shards)
+            if report:
+                write_reduce_report(state.partial, run, original, groups, stats, progress)
+            state.discard()
+            publish(state.partial, out.absolute())
+    barrier()
+    groups = {int(entry["layer"]): entry["groups"] for entry in _read_json(out / "moemerge.json")["layers"]}
+    return ReduceResult(
+        out=out,
+        groups=groups,
+        num_experts=family.num_experts(config),
+        experts=run.r,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in skel.parameters()),
+        bytes_before=sum(f.stat().st_size for f in run.source.weight_files),
+        bytes_after=sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        calibration_tokens=total,
+        seconds=time.perf_counter() - run.start,
+        stored_params=_read_json(out / "moemerge.json").get("compression", {}).get("stored_parameters"),
+    )
+
+
+def _finish(run, state: RunState, skel, source: SourceTensors, dtype, views, shards: int) -> tuple[dict, dict]:
+    """Write the last shard, the index, config, tokenizer files and ``moemerge.json`` into the partial output;
+    returns the groups and statistics of every MoE layer."""
+    o, family = run.options, run.source.family
+    groups, stats, routers, factors, saved = state.finished_layers(family.routing_rule(run.config), sorted(views))
+    load_outside(skel, source, dtype)
+    family.set_num_experts(skel, run.r)
+    save_file(outside_tensors(skel), state.partial / _shard(shards, shards), metadata={"format": "pt"})
+    unload(skel)
+    _write_index(state.partial, shards)
+    skel.config.architectures = [type(skel).__name__]
+    skel.config.save_pretrained(state.partial)
+    if skel.can_generate() and skel.generation_config is not None:
+        skel.generation_config.save_pretrained(state.partial)
+    compression = None
+    if o["method"] in COMPRESSING_METHODS:
+        compression = compression_record(run, sum(p.numel() for p in skel.parameters()) - saved)
+    tensor_files = {LOWRANK_FILE: factors} if compression else {}
+    if o["router"] == "grouped":
+        tensor_files[SIDECAR] = router_tensors(routers)
+    write_extras(run.source.path, state.partial, reduction_metadata(run, groups, stats, compression), tensor_files)
+    return groups, stats
+
+
+def _shard(number: int, total: int) -> str:
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+def _write_index(folder: Path, shards: int) -> None:
+    """``model.safetensors.index.json`` as transformers writes it for the shards in ``folder``."""
+    weight_map, size, params = {}, 0, 0
+    for number in range(1, shards + 1):
+        with safe_open(folder / _shard(number, shards), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
+                weight_map[name] = _shard(number, shards)
+                t = f.get_slice(name)
+                count = 1
+                for dim in t.get_shape():
+                    count *= dim
+                params += count
+                size += count * _bytes_per(t.get_dtype())
+    index = {
+        "metadata": {"total_parameters": params, "total_size": size},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _bytes_per(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}[dtype]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _shrink(view, r: int) -> None:
+    """Give a meta layer finished by an earlier run its reduced expert count (shapes only)."""
+    gate, up, down = view.expert_weights()
+    bias = view.selection_bias
+    view.set_experts(gate[:r], up[:r], down[:r])
+    view.set_router(view.router_weight[:r], None if bias is None else bias[:r])
+
+
+def _to(obj, device: torch.device):
+    """``obj`` (tensors in tuples, lists and dicts) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj

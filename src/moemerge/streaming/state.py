@@ -1,0 +1,157 @@
+"""What a streamed reduction keeps on disk so that ``--resume`` can continue it after any interruption.
+
+The output is built in ``.NAME.moemerge-partial`` beside ``--out``. Each finished decoder layer leaves its
+final shard there, and in ``.moemerge-state/`` its statistics, original router and low-rank factors
+(``layer-L.safetensors``) and the hidden states entering the next layer (``hidden-L.rankR.safetensors``).
+``state.json`` names the next layer to do; it is replaced atomically only after everything of a layer is
+written, so a run killed at any instant resumes from the last layer it recorded and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moemerge.checkpoint.writer import write_json
+from moemerge.distributed import on_writer
+from moemerge.errors import MoemergeError
+from moemerge.grouping import SoftGroups
+from moemerge.progress import log
+from moemerge.statistics import LayerStatistics
+
+SCHEMA = "moemerge.stream-state/1"
+STATE_DIR = ".moemerge-state"
+KEPT_STATS = ("mean_output", "counts", "prob_sum", "reap", "selection_bias", "router_logit_features")
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a streamed reduction into ``out`` is built."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.moemerge-partial"
+
+
+class RunState:
+    """The on-disk progress of one streamed reduction (see the module docstring).
+
+    ``run``: what identifies the run (options, model identity, calibration hash, process count); a
+    resumed run must match it exactly.
+    """
+
+    def __init__(self, partial: Path, state: dict):
+        self.partial, self.dir = partial, partial / STATE_DIR
+        self.file = self.dir / "state.json"
+        self.state = state
+
+    @classmethod
+    def open(cls, partial: Path, run: dict, resume: bool, force: bool) -> RunState:
+        """The state of a new run (refused while an unfinished one is there, unless ``force``) or, with
+        ``resume``, of the unfinished run, which must match ``run``. Rank 0 decides; every rank gets it."""
+        return cls(partial, on_writer(lambda: _open(partial, run, resume, force)))
+
+    @property
+    def next_layer(self) -> int:
+        return self.state["next_layer"]
+
+    def hidden_file(self, layer: int, rank: int) -> Path:
+        return self.dir / f"hidden-{layer}.rank{rank}.safetensors"
+
+    def save_hidden(self, layer: int, rank: int, hidden: dict[int, torch.Tensor]) -> None:
+        """The hidden states [1, T, H] entering decoder layer ``layer`` of this rank's sequences."""
+        tmp = self.hidden_file(layer, rank).with_suffix(".tmp")
+        save_file({f"seq.{s}": h.detach().contiguous().cpu() for s, h in hidden.items()}, tmp)
+        tmp.replace(self.hidden_file(layer, rank))
+
+    def load_hidden(self, layer: int, rank: int) -> dict[int, torch.Tensor]:
+        tensors = load_file(self.hidden_file(layer, rank))
+        return {int(name.split(".")[1]): h for name, h in tensors.items()}
+
+    def save_layer(
+        self,
+        layer: int,
+        groups: list[list[int]],
+        stats: LayerStatistics,
+        router: tuple[torch.Tensor, torch.Tensor | None],
+        factors: dict[str, torch.Tensor],
+        saved: int,
+    ) -> None:
+        """A finished MoE layer's groups, report statistics, original router and low-rank factors (not yet
+        committed: :meth:`advance` does that)."""
+        tensors = {f"stats.{f}": getattr(stats, f) for f in KEPT_STATS if getattr(stats, f) is not None}
+        tensors |= {"router.weight": router[0]} | ({"router.bias": router[1]} if router[1] is not None else {})
+        tensors |= {f"factors.{name}": t for name, t in factors.items()}
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, self.dir / f"layer-{layer}.safetensors"
+        )
+        record = {"groups": [list(g) for g in groups], "num_tokens": stats.num_tokens, "saved": saved}
+        if isinstance(groups, SoftGroups):
+            record["memberships"] = [u.tolist() for u in groups.memberships]
+        self.state["layers"][str(layer)] = record
+
+    def advance(self, next_layer: int) -> None:
+        """Record that every layer before ``next_layer`` is done (atomically), then drop older hidden states."""
+        self.state["next_layer"] = next_layer
+        write_json(self.state, self.file)
+        for old in self.dir.glob("hidden-*.safetensors"):
+            if int(old.name.split("-")[1].split(".")[0]) < next_layer:
+                old.unlink(missing_ok=True)
+
+    def finished_layers(self, routing, layer_ids: list[int]):
+        """(groups, statistics, original routers, low-rank factors, parameters saved) of every MoE layer done."""
+        groups, stats, routers, factors, saved = {}, {}, {}, {}, 0
+        for layer in layer_ids:
+            record = self.state["layers"][str(layer)]
+            tensors = load_file(self.dir / f"layer-{layer}.safetensors")
+            kept = {f: tensors.get(f"stats.{f}") for f in KEPT_STATS}
+            stats[layer] = LayerStatistics(
+                layer,
+                kept["mean_output"],
+                kept["counts"],
+                record["num_tokens"],
+                kept["prob_sum"],
+                kept["reap"],
+                routing,
+                kept["selection_bias"],
+                router_logit_features=kept["router_logit_features"],
+            )
+            groups[layer] = record["groups"]
+            if "memberships" in record:
+                memberships = [torch.tensor(u, dtype=torch.float64) for u in record["memberships"]]
+                groups[layer] = SoftGroups(record["groups"], memberships)
+            routers[layer] = (tensors["router.weight"], tensors.get("router.bias"))
+            factors |= {name[len("factors.") :]: t for name, t in tensors.items() if name.startswith("factors.")}
+            saved += record["saved"]
+        return groups, stats, routers, factors, saved
+
+    def discard(self) -> None:
+        """Remove the state folder (the partial output is complete)."""
+        shutil.rmtree(self.dir)
+
+
+def _open(partial: Path, run: dict, resume: bool, force: bool) -> dict:
+    file = partial / STATE_DIR / "state.json"
+    if resume and file.is_file():
+        state = json.loads(file.read_text(encoding="utf-8"))
+        if state.get("schema") != SCHEMA:
+            raise MoemergeError(f"{file} is not a moemerge state file ({SCHEMA}); delete {partial}")
+        differ = [key for key in run if state["run"].get(key) != run[key]]
+        if differ:
+            raise MoemergeError(
+                f"--resume: the unfinished run in {partial} used other {', '.join(differ)}; rerun with the same "
+                f"model and options, or delete {partial} to start over"
+            )
+        return state
+    if resume:  # killed before its first record (or never started)
+        log.info("moemerge: nothing recorded in %s to resume; starting at layer 0", partial)
+    elif partial.exists() and not force:
+        raise MoemergeError(
+            f"an unfinished run of this output is in {partial}; pass --resume to continue it, or --force to start over"
+        )
+    if partial.exists():
+        shutil.rmtree(partial)
+    state = {"schema": SCHEMA, "run": run, "next_layer": 0, "layers": {}}
+    write_json(state, file)
+    return state
