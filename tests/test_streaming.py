@@ -73,7 +73,17 @@ def test_streaming_equals_in_memory(tmp_path, family, options):
     """The in-memory reduce is the oracle: the streamed output holds the same tensors bit for bit, the same config
     and moemerge.json, the same counts; it loads with vanilla transformers (or load_model for grouped) to the
     same logits; and no partial folder is left."""
-    source = save_tiny(family, tmp_path / "src")
+    check_streaming_equals_in_memory(tmp_path, save_tiny(family, tmp_path / "src"), options)
+
+
+def test_streaming_equals_in_memory_with_tied_embeddings(tmp_path):
+    """The same with an output head tied to the input embeddings (the benchmark models'): not written twice."""
+    source = save_tiny("olmoe", tmp_path / "src", tie_word_embeddings=True)
+    check_streaming_equals_in_memory(tmp_path, source, {})
+    assert "lm_head.weight" not in model_tensors(tmp_path / "stream")
+
+
+def check_streaming_equals_in_memory(tmp_path: Path, source: Path, options: dict) -> None:
     memory = moemerge.reduce(source, tmp_path / "memory", **SMALL, **options)
     streamed = reduce_streaming(source, tmp_path / "stream", **SMALL, **options)
     assert_same_model(tmp_path / "memory", tmp_path / "stream")

@@ -2,9 +2,9 @@
 (``reduce --stream --sequential``): which gives the better reduced model on the benchmark models?
 
 Usage: ``python benchmarks/quality/sequential.py [--out DIR]`` (default ``benchmarks/results/quality``; writes
-``sequential.md`` and ``sequential.csv``). HC-SMoE defaults, the general calibration set with the quality
-benchmark's size (``run.CALIB_SAMPLES`` x ``run.SEQ_LEN``), 25 / 50 / 75 % of the experts removed, per-domain
-test perplexity and last-hidden fidelity on the quality benchmark's test windows.
+``sequential.md`` and ``sequential.csv``). HC-SMoE defaults, ``CALIB_SAMPLES`` windows of the general
+calibration set (a quarter of the quality benchmark's: every run calibrates anew), 50 and 75 % of the experts
+removed, per-domain test perplexity and last-hidden fidelity on the quality benchmark's test windows.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from moemerge.checkpoint import inspect_source, load_source
 from moemerge.compare import write_csv
 from moemerge.streaming import reduce_streaming
 
+CALIB_SAMPLES = 64
+REMOVED = (0.5, 0.75)
+
 _spec = importlib.util.spec_from_file_location("quality_run", Path(__file__).with_name("run.py"))
 quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
@@ -32,7 +35,7 @@ def run_model(name: str, work: Path, log) -> list[dict]:
     vocab = original.get_input_embeddings().num_embeddings
     chunks = quality.test_windows(tokenizer, vocab, quality.TEST_TOKENS)
     rows = []
-    for fraction in quality.REMOVED:
+    for fraction in REMOVED:
         r = round(n * (1 - fraction))
         for sequential in (False, True):
             out = work / f"{name}-{r}-{sequential}"
@@ -41,7 +44,7 @@ def run_model(name: str, work: Path, log) -> list[dict]:
                 out,
                 experts=r,
                 calib=str(quality.DATA / "calib_general.jsonl.gz"),
-                calib_samples=quality.CALIB_SAMPLES,
+                calib_samples=CALIB_SAMPLES,
                 calib_seq_len=quality.SEQ_LEN,
                 dtype="float32",
                 sequential=sequential,
@@ -59,8 +62,9 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "# Statistics from the original or the reduced model (`reduce --stream --sequential`)",
         "",
-        "`python benchmarks/quality/sequential.py`. HC-SMoE defaults; mean = geometric mean of the five domains' test "
-        "perplexity; L2 / cosine of the last hidden state against the original model.",
+        f"`python benchmarks/quality/sequential.py`. HC-SMoE defaults, {CALIB_SAMPLES} x {quality.SEQ_LEN} general "
+        "calibration tokens; mean = geometric mean of the five domains' test perplexity; L2 / cosine of the last "
+        "hidden state against the original model.",
         "",
         "| model | removed | statistics | mean ppl | hidden L2 | hidden cosine | seconds |",
         "|---|---|---|---|---|---|---|",

@@ -40,7 +40,7 @@ from moemerge.adapters import family_for
 from moemerge.statistics import LayerAccumulator
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENS = 2048
+TOKENS = 512
 DEPTH_LAYERS = (4, 16)
 DEPTH_VOCAB = 32_000
 HEADLINE_LAYERS = 24
@@ -52,7 +52,7 @@ synthetic = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(synthetic)
 
 
-def best_seconds(fn, repeats: int = 3) -> float:
+def best_seconds(fn, repeats: int = 2) -> float:
     """The fastest of ``repeats`` timed calls after one warm-up (the least disturbed by other load)."""
     fn()
     times = []

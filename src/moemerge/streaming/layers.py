@@ -89,6 +89,7 @@ def load_into(
     config = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model))
     with _quiet_transformers():
         convert_and_load_state_dict_in_model(model, tensors, config)
+    model.tie_weights()  # loading replaced the input embeddings' parameter, which a tied head shared
     missing = [name for name, p in model.named_parameters() if filled(name) and p.is_meta]
     if missing:
         raise MoemergeError(f"the checkpoint has no tensors for {', '.join(missing[:3])}; it is incomplete")
@@ -140,7 +141,6 @@ def load_outside(model: nn.Module, source: SourceTensors, dtype: torch.dtype, on
     else:
         names = [name for name in source.file_of if not name.startswith(LAYERS)]
         load_into(model, source.read(names), dtype, lambda name: not name.startswith(LAYERS))
-        model.tie_weights()
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

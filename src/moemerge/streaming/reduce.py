@@ -186,6 +186,7 @@ def reduce_streaming(
             state.discard()
             publish(state.partial, out.absolute())
     barrier()
+    skel.tie_weights()  # moving the embeddings to meta untied a tied output head; count it once
     groups = {int(entry["layer"]): entry["groups"] for entry in _read_json(out / "moemerge.json")["layers"]}
     return ReduceResult(
         out=out,
@@ -211,6 +212,7 @@ def _finish(run, state: RunState, skel, source: SourceTensors, dtype, views, sha
     family.set_num_experts(skel, run.r)
     save_file(outside_tensors(skel), state.partial / _shard(shards, shards), metadata={"format": "pt"})
     unload(skel)
+    skel.tie_weights()
     _write_index(state.partial, shards)
     skel.config.architectures = [type(skel).__name__]
     skel.config.save_pretrained(state.partial)
