@@ -253,7 +253,7 @@ def _reduce(args: argparse.Namespace) -> None:
     common = dict(
         force=args.force,
         allow_pickle=args.allow_pickle,
-        progress=not args.quiet,
+        progress=not args.quiet and is_writer(),
         report=not args.no_report,
         **_reduction_kwargs(args),
     )

@@ -97,7 +97,6 @@ def reduce_streaming(
     device = resolve_device(o["device"])
     dtype = model_dtype(config, resolve_dtype(o["dtype"]))
     rank_id, world = rank_and_world()
-    progress = progress and is_writer()
     out = Path(out)
 
     skel = skeleton(copy.deepcopy(config), dtype)
