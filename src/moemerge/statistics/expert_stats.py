@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from moemerge.adapters import MoELayerView, RoutingRule
 from moemerge.distributed import gather_in_order, my_share, rank_and_world
+from moemerge.heap import trim_heap
 
 CHUNK_BYTES = 128 << 20  # float32 size of the [chunk, n, 2I] expert activations of one token chunk
 _SUMMED = ("act", "counts", "prob", "reap")
@@ -258,6 +259,7 @@ def collect_statistics(
             for acc in accumulators:
                 acc.seen = offsets[i]
             model(input_ids=sequences[i][None].to(device), use_cache=False)
+            trim_heap()
     finally:
         for handle in handles:
             handle.remove()

@@ -8,8 +8,6 @@ so the streamed output has exactly the tensors ``save_pretrained`` writes.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,9 +22,9 @@ from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
 from moemerge.errors import MoemergeError
+from moemerge.heap import trim_heap
 
 LAYERS = "model.layers."
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
 class SourceTensors:
@@ -105,15 +103,7 @@ def load_layer(model: nn.Module, source: SourceTensors, index: int, dtype: torch
 def unload(module: nn.Module) -> None:
     """Give a module's memory back: its tensors become meta tensors of the same shapes."""
     module.to("meta")
-    _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Return freed heap memory to the system. glibc raises its mmap threshold after large frees, so later
-    layer-sized buffers come from the heap, and without a trim each layer would leave part of itself in RSS."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    trim_heap()
 
 
 def layer_tensors(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
@@ -193,4 +183,5 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) 
     """The decoder layer's output hidden states for input ``hidden`` and its recorded arguments."""
     args, kwargs = call
     out = layer(hidden, *args, **kwargs)
+    trim_heap()
     return out[0] if isinstance(out, tuple) else out
