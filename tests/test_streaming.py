@@ -94,7 +94,9 @@ def check_streaming_equals_in_memory(tmp_path: Path, source: Path, options: dict
     files = sorted({*index["weight_map"].values()})
     layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
     assert files == [f"model-{i:05d}-of-{layers + 1:05d}.safetensors" for i in range(1, layers + 2)]
-    assert set(index["weight_map"]) == set(model_tensors(tmp_path / "stream"))
+    tensors = model_tensors(tmp_path / "stream")
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     with torch.no_grad():
         a = moemerge.load_model(tmp_path / "memory")(PROMPT).logits
         b = moemerge.load_model(tmp_path / "stream")(PROMPT).logits

@@ -35,11 +35,8 @@ def partial_dir(out: Path) -> Path:
 
 
 class RunState:
-    """The on-disk progress of one streamed reduction (see the module docstring).
-
-    ``run``: what identifies the run (options, model identity, calibration hash, process count); a
-    resumed run must match it exactly.
-    """
+    """The on-disk progress of one streamed reduction (see the module docstring); ``state`` is what
+    ``state.json`` holds: the run's identity, the next layer to do and the finished layers' groups."""
 
     def __init__(self, partial: Path, state: dict):
         self.partial, self.dir = partial, partial / STATE_DIR
@@ -49,7 +46,8 @@ class RunState:
     @classmethod
     def open(cls, partial: Path, run: dict, resume: bool, force: bool) -> RunState:
         """The state of a new run (refused while an unfinished one is there, unless ``force``) or, with
-        ``resume``, of the unfinished run, which must match ``run``. Rank 0 decides; every rank gets it."""
+        ``resume``, of the unfinished run, whose identity (options, model fingerprint, calibration hash, process
+        count) must equal ``run``. Rank 0 decides; every rank gets it."""
         return cls(partial, on_writer(lambda: _open(partial, run, resume, force)))
 
     @property
