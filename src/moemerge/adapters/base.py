@@ -129,6 +129,14 @@ class MoELayerView:
         """Give the router ``weight`` [m, H] rows (and selection ``bias`` [m] where it has one)."""
         set_router_rows(self.block.gate, weight, bias)
 
+    def keep_first(self, r: int) -> None:
+        """Shrink the layer to its first r experts and router rows (used to give a model the shapes of a
+        reduced checkpoint before its weights are read)."""
+        gate, up, down = self.expert_weights()
+        bias = self.selection_bias
+        self.set_experts(gate[:r], up[:r], down[:r])
+        self.set_router(self.router_weight[:r], None if bias is None else bias[:r])
+
 
 def intermediate_activations(gate: torch.Tensor, up: torch.Tensor, act_fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """[T, I] float32 act(x gate^T) * (x up^T) of one expert (gate, up [I, H]) on hidden states ``x`` [T, H]."""

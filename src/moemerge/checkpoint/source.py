@@ -144,9 +144,7 @@ def per_layer_model_class(source: SourceModel, counts: dict[int, int]) -> type:
     def __init__(self, config):
         base.__init__(self, config)
         for view in source.family.moe_layers(self):
-            r, (gate, up, down), bias = counts[view.layer], view.expert_weights(), view.selection_bias
-            view.set_experts(gate[:r], up[:r], down[:r])
-            view.set_router(view.router_weight[:r], None if bias is None else bias[:r])
+            view.keep_first(counts[view.layer])
 
     kernels = {
         name: classmethod(lambda cls, name=name: getattr(base, name)())

@@ -134,7 +134,7 @@ def reduce_streaming(
         hidden = {s: h.to(device) for s, h in state.load_hidden(start, rank_id).items()}
         for layer in range(start):
             if layer in views:
-                _shrink(views[layer], len(state.state["layers"][str(layer)]["groups"]))
+                views[layer].keep_first(len(state.state["layers"][str(layer)]["groups"]))  # shapes only (meta)
 
     needs = statistics_needs([(o["method"], method_options_of(o), o["merge"], o["router_rows"])])
     total = run.calibration.num_tokens
@@ -187,7 +187,8 @@ def reduce_streaming(
             publish(state.partial, out.absolute())
     barrier()
     skel.tie_weights()  # moving the embeddings to meta untied a tied output head; count it once
-    groups = {int(entry["layer"]): entry["groups"] for entry in _read_json(out / "moemerge.json")["layers"]}
+    meta = _read_json(out / "moemerge.json")
+    groups = {int(entry["layer"]): entry["groups"] for entry in meta["layers"]}
     return ReduceResult(
         out=out,
         groups=groups,
@@ -199,7 +200,7 @@ def reduce_streaming(
         bytes_after=sum(f.stat().st_size for f in out.glob("*.safetensors")),
         calibration_tokens=total,
         seconds=time.perf_counter() - run.start,
-        stored_params=_read_json(out / "moemerge.json").get("compression", {}).get("stored_parameters"),
+        stored_params=meta.get("compression", {}).get("stored_parameters"),
     )
 
 
@@ -252,14 +253,6 @@ def _write_index(folder: Path, shards: int) -> None:
 
 def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _shrink(view, r: int) -> None:
-    """Give a meta layer finished by an earlier run its reduced expert count (shapes only)."""
-    gate, up, down = view.expert_weights()
-    bias = view.selection_bias
-    view.set_experts(gate[:r], up[:r], down[:r])
-    view.set_router(view.router_weight[:r], None if bias is None else bias[:r])
 
 
 def _to(obj, device: torch.device):
