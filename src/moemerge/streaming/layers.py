@@ -16,13 +16,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import convert_and_load_state_dict_in_model, revert_weight_conversion
-from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
 from moemerge.errors import MoemergeError
 from moemerge.heap import trim_heap
+from moemerge.transformers_internals import load_converted, to_disk_layout
 
 LAYERS = "model.layers."
 
@@ -84,9 +82,8 @@ def load_into(
 ) -> None:
     """Load on-disk ``tensors`` into ``model`` as from_pretrained would; every parameter whose name ``filled``
     accepts must then be real."""
-    config = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model))
     with _quiet_transformers():
-        convert_and_load_state_dict_in_model(model, tensors, config)
+        load_converted(model, tensors, dtype)
     model.tie_weights()  # loading replaced the input embeddings' parameter, which a tied head shared
     missing = [name for name, p in model.named_parameters() if filled(name) and p.is_meta]
     if missing:
@@ -110,7 +107,7 @@ def layer_tensors(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
     """Decoder layer ``index``'s tensors as ``save_pretrained`` writes them (on-disk names and layout)."""
     layer = model.model.layers[index]
     state = {f"{LAYERS}{index}.{name}": t for name, t in layer.state_dict().items()}
-    return {name: t.contiguous().cpu() for name, t in revert_weight_conversion(model, state).items()}
+    return {name: t.contiguous().cpu() for name, t in to_disk_layout(model, state).items()}
 
 
 def outside_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,7 +117,7 @@ def outside_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         state = {name: t for name, t in state.items() if not name.startswith(_module_name(model, head) + ".")}
-    return {name: t.contiguous() for name, t in revert_weight_conversion(model, state).items()}
+    return {name: t.contiguous() for name, t in to_disk_layout(model, state).items()}
 
 
 def load_outside(model: nn.Module, source: SourceTensors, dtype: torch.dtype, only_input: bool = False) -> None:
