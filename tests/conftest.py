@@ -123,9 +123,10 @@ def tiny_config(family: str, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K,
 
 def run_cli(argv: list, capture) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``moemerge`` run in-process (pytest capture fixture ``capture``); argparse's
-    SystemExit becomes the code."""
+    SystemExit becomes the code. Output from before the call (a fixture's progress bars) is not the command's."""
     from moemerge.cli import main
 
+    capture.readouterr()
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exit_:
@@ -183,3 +184,29 @@ def one_thread():
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+def plant_permuted_copies(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Make routed expert 2i + 1 of every MoE layer a copy of expert 2i with its intermediate neurons in a random
+    order (gate and up rows, down columns: the same function), in place; router rows stay distinct."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if not hasattr(layer.mlp, "experts"):
+                continue
+            experts = layer.mlp.experts
+            inter = experts.down_proj.shape[2]
+            for a in range(0, experts.gate_up_proj.shape[0], 2):
+                order = torch.randperm(inter, generator=g)
+                gate, up = experts.gate_up_proj[a][:inter], experts.gate_up_proj[a][inter:]  # gate rows first
+                experts.gate_up_proj[a + 1] = torch.cat([gate[order], up[order]])
+                experts.down_proj[a + 1] = experts.down_proj[a][:, order]
+    return model
+
+
+def save_permuted_copies(family: str, path: Path, seed: int = 0, **kwargs) -> Path:
+    """:func:`save_tiny`'s checkpoint with :func:`plant_permuted_copies` applied (the demo tokenizer included)."""
+    plant_permuted_copies(tiny_model(family, seed, **kwargs), seed).save_pretrained(path)
+    for file in TOKENIZER_DIR.glob("tokenizer*"):
+        shutil.copyfile(file, path / file.name)
+    return path

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import layer_stats, save_tiny
+from conftest import layer_stats, save_permuted_copies
+from transformers import AutoModelForCausalLM
 
 from moemerge.cli import main
 from moemerge.merging import align_groups, match_neurons, member_weights, merge_experts, permute_expert
@@ -70,9 +71,25 @@ def test_alignment_changes_no_experts_function():
 
 
 def test_align_option_end_to_end(tmp_path):
-    """--align runs through the CLI for a family with a shared expert and is recorded in moemerge.json."""
-    src = save_tiny("qwen2_moe", tmp_path / "src")
+    """--align through the CLI, on a family with a shared expert whose experts 2i + 1 are neuron-permuted copies of
+    experts 2i (both used by the router): hc-smoe groups each copy with its original, and every merged expert
+    written is that pair's dominant (more used) member bit for bit, which an unaligned merge of a permuted copy is
+    not; the option is recorded in moemerge.json."""
+    src = save_permuted_copies("qwen2_moe", tmp_path / "src")
+    source = AutoModelForCausalLM.from_pretrained(src)
     out = tmp_path / "out"
-    argv = ["reduce", str(src), "--experts", "4", "--out", str(out), "--align", "--quiet"]
+    argv = ["reduce", str(src), "--experts", "4", "--out", str(out), "--align", "--quiet", "--no-report"]
     assert main([*argv, "--calib-samples", "2", "--calib-seq-len", "32"]) == 0
-    assert json.loads((out / "moemerge.json").read_text())["parameters"]["align"] is True
+    meta = json.loads((out / "moemerge.json").read_text())
+    assert meta["parameters"]["align"] is True
+    reduced = AutoModelForCausalLM.from_pretrained(out)
+    for entry in meta["layers"]:
+        assert entry["groups"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        before = source.model.layers[entry["layer"]].mlp.experts
+        after = reduced.model.layers[entry["layer"]].mlp.experts
+        for k, group in enumerate(entry["groups"]):
+            frequency = [entry["frequency"][j] for j in group]
+            assert min(frequency) > 0, "both members must weigh in the merge"
+            dominant = group[0] if frequency[0] >= frequency[1] else group[1]
+            assert torch.equal(after.gate_up_proj[k], before.gate_up_proj[dominant]), (entry["layer"], k)
+            assert torch.equal(after.down_proj[k], before.down_proj[dominant]), (entry["layer"], k)

@@ -66,10 +66,18 @@ def summed_nll(logits: torch.Tensor, window: torch.Tensor) -> float:
     return -logp.gather(1, window[1:, None]).sum().item()
 
 
+def windows(stream: list[int], seq_len: int, batch: int) -> list[torch.Tensor]:
+    """The stream's non-overlapping windows of ``seq_len`` tokens (the last may be shorter; one of a single token
+    predicts nothing and is left out), stacked ``batch`` at a time into [B, L] tensors of equal-length windows."""
+    cut = [stream[s : s + seq_len] for s in range(0, len(stream), seq_len)]
+    full, last = [w for w in cut if len(w) == seq_len], [w for w in cut if 1 < len(w) < seq_len]
+    return [torch.tensor(full[i : i + batch]) for i in range(0, len(full), batch)] + [torch.tensor(last)] * bool(last)
+
+
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
 def trained(request):
     """(name, card, model in float32, {domain: (validation token ids, NLL sum, predicted tokens)}, [layers, experts]
-    top-k counts, tokens routed): one pass over the validation windows of the card's length."""
+    top-k counts, tokens routed): one pass over the validation windows of the card's length, 16 windows a batch."""
     name = request.param
     path = MODELS / name
     card = json.loads((path / "card.json").read_text())
@@ -80,18 +88,15 @@ def trained(request):
     with torch.inference_mode():
         for domain in DOMAINS:
             stream, nll, predicted = token_ids(tokenizer, documents("validation", domain)), 0.0, 0
-            for start in range(0, len(stream), seq_len):
-                window = torch.tensor(stream[start : start + seq_len])
-                if len(window) < 2:
-                    continue
-                out = model(input_ids=window[None], output_router_logits=True)
-                nll += summed_nll(out.logits[0], window)
-                predicted += len(window) - 1
+            for batch in windows(stream, seq_len, 16):
+                out = model(input_ids=batch, output_router_logits=True)
+                nll += sum(summed_nll(logits, window) for logits, window in zip(out.logits, batch, strict=True))
+                predicted += batch.numel() - len(batch)
                 chosen = [lg.topk(k, dim=-1).indices.flatten() for lg in out.router_logits]
                 counts = counts + torch.stack(
                     [torch.bincount(c, minlength=out.router_logits[0].shape[-1]) for c in chosen]
                 )
-                tokens += len(window)
+                tokens += batch.numel()
             scores[domain] = (stream, nll, predicted)
     return name, card, model, scores, counts, tokens
 
@@ -108,7 +113,8 @@ def test_model_is_the_promised_architecture_in_bf16_under_25_mb(trained):
     assert files and sum(f.stat().st_size for f in files) <= MAX_BYTES
     for file in files:
         with safe_open(file, framework="pt") as f:
-            assert {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {"BF16"}
+            dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            assert dtypes == {"BF16"}, (file, dtypes)
     assert card["training_minutes"] <= 60
 
 

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 import moemerge
 from moemerge import MoemergeError, apply_groups, pipeline, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
-from moemerge.grouping import BUDGETS, layer_budgets
+from moemerge.grouping import layer_budgets
 from moemerge.merging import rank_for_budget
 from moemerge.pipeline import ROUTER_SAMPLE_TOKENS, experts_per_layer
 from moemerge.statistics import collect_statistics
@@ -267,9 +267,10 @@ def test_handmade_budgets_with_ties_and_a_full_layer(method):
     assert saw_full, "the hand-made counts should give some layer all n experts"
 
 
-def test_budget_refusals_in_the_api():
+def test_budget_refusals_in_the_api(tmp_path, capfd):
     """DeepSeek-V3 with n_group > 1 refuses non-uniform budgets; r below top-k refuses them; an unknown budget name is
-    refused; all as MoemergeError, while uniform stays allowed."""
+    refused; all as MoemergeError, while uniform stays allowed. On the command line an unknown --budget is one error
+    line (exit 2) naming it and the three documented budgets."""
     config, family = tiny_config("deepseek_v3"), ADAPTERS["deepseek_v3"]
     stats = {1: handmade_stats()[1], 2: handmade_stats()[3]}
     assert config.n_group > 1
@@ -281,7 +282,11 @@ def test_budget_refusals_in_the_api():
     with pytest.raises(MoemergeError, match="budget"):
         plan_groups(handmade_stats(), ADAPTERS["mixtral"], tiny_config("mixtral"), 4, budget="global")
     assert experts_per_layer(stats, family, config, 4, "uniform") == {1: 4, 2: 4}
-    assert BUDGETS == ("uniform", "frequency", "probability")
+    out = tmp_path / "out"
+    code, _, err = run(["reduce", tmp_path, "--experts", "4", "--out", out, "--budget", "global"], capfd)
+    line = assert_clean_error(code, err, out)
+    assert "--budget" in line and "global" in line
+    assert all(name in line for name in ("uniform", "frequency", "probability")), line
 
 
 # ----------------------------------------------------------------------------------------------------------------

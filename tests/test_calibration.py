@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 import struct
 import sys
 import types
@@ -80,10 +81,13 @@ def test_input_ids_rows_are_used_as_given_in_file_order(tmp_path):
 
 
 def test_input_ids_rows_fewer_than_samples_is_an_error(tmp_path):
-    """Asking for more sequences than the file has input_ids rows raises MoemergeError (no silent reuse)."""
+    """Asking for more sequences than the file has input_ids rows raises MoemergeError (no silent reuse) naming the file,
+    its row count and the --calib-samples asked for."""
     spec = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [1, 2, 3]}] * 3)
-    with pytest.raises(MoemergeError):
+    with pytest.raises(MoemergeError) as error:
         load_calibration(spec, tokenizer=None, samples=4, seq_len=8)
+    message = str(error.value)
+    assert spec in message and re.search(r"\b3 input_ids rows\b.*--calib-samples (is )?4\b", message), message
 
 
 @pytest.mark.parametrize("bad", [[], [1, -2], [1, 2.5], [1, "x"], "1 2 3", [1, True], None], ids=repr)
@@ -177,11 +181,15 @@ def test_default_corpus_covers_the_paper_setting(tokenizer):
 )
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
 def test_empty_files_are_errors(tmp_path, tokenizer, content, suffix):
-    """Empty or whitespace-only calibration files raise MoemergeError."""
+    """Empty or whitespace-only calibration files raise MoemergeError naming the file and saying it holds nothing: a
+    .jsonl "is empty", a .txt "has 0 tokens" (fewer than the samples x seq_len asked for)."""
     path = tmp_path / f"calib{suffix}"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(MoemergeError):
+    with pytest.raises(MoemergeError) as error:
         load_calibration(str(path), tokenizer, samples=1, seq_len=4)
+    message = str(error.value)
+    expected = r"\bis empty\b" if suffix == ".jsonl" else r"\bhas 0 tokens\b.*--calib-samples 1 x --calib-seq-len 4"
+    assert str(path) in message and re.search(expected, message), message
 
 
 @pytest.mark.parametrize(
@@ -220,18 +228,24 @@ def test_nonpositive_sizes_are_errors(tmp_path, samples, seq_len):
 
 
 def test_bad_specs_are_errors(tmp_path, tokenizer):
-    """Missing files, unknown suffixes and malformed hf: specs raise MoemergeError."""
+    """Missing files, unknown suffixes, a directory and malformed hf: specs raise MoemergeError naming the spec and
+    the problem: a missing file "does not exist", a .csv must end in .txt or .jsonl, a directory is said to be one
+    (not to be missing), a bad hf: spec shows the hf:NAME[:CONFIG[:SPLIT]] form."""
     (tmp_path / "calib.csv").write_text("text\nhello world\n", encoding="utf-8")
-    for spec in [
-        str(tmp_path / "missing.txt"),
-        str(tmp_path / "calib.csv"),
-        str(tmp_path),
-        "hf:",
-        "hf::x",
-        "hf:a:b:c:d",
+    for spec, named in [
+        (str(tmp_path / "missing.txt"), r"does not exist"),
+        (str(tmp_path / "calib.csv"), r"\.txt or \.jsonl"),
+        (str(tmp_path), r"(?i)\bdirectory\b"),
+        ("hf:", r"hf:NAME\[:CONFIG\[:SPLIT\]\]"),
+        ("hf::x", r"hf:NAME\[:CONFIG\[:SPLIT\]\]"),
+        ("hf:a:b:c:d", r"hf:NAME\[:CONFIG\[:SPLIT\]\]"),
     ]:
-        with pytest.raises(MoemergeError):
+        with pytest.raises(MoemergeError) as error:
             load_calibration(spec, tokenizer, samples=1, seq_len=4)
+        message = str(error.value)
+        assert spec in message and re.search(named, message), (spec, message)
+        if spec == str(tmp_path):
+            assert "does not exist" not in message, message
 
 
 def test_text_needs_a_tokenizer(tmp_path):

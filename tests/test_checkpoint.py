@@ -21,6 +21,7 @@ from conftest import EXPERT_FIELD, FAMILIES, TOP_K, save_tiny
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moemerge
+from moemerge.checkpoint.identity import weights_sha256
 
 R = 4
 SAMPLES, SEQ_LEN = 2, 32
@@ -167,6 +168,9 @@ def test_metadata_describes_the_run(reduced, calibration, family):
     source, out, _ = reduced[family]
     meta = json.loads((out / "moemerge.json").read_text(encoding="utf-8"))
     config = AutoConfig.from_pretrained(source)
+    # the config fingerprint, recomputed: sorted keys, without the keys that change with the writer's version
+    raw_config = json.loads((source / "config.json").read_text())
+    raw_config = {k: v for k, v in raw_config.items() if k not in ("transformers_version", "_name_or_path")}
     assert set(meta) >= {
         "format_version",
         "method",
@@ -185,6 +189,8 @@ def test_metadata_describes_the_run(reduced, calibration, family):
         "model_type": family,
         "num_experts": getattr(config, EXPERT_FIELD[family]),
         "top_k": config.num_experts_per_tok,
+        "config_sha256": hashlib.sha256(json.dumps(raw_config, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": weights_sha256(sorted(source.glob("*.safetensors"))),
     }
     path, rows = calibration
     used = [row[:SEQ_LEN] for row in rows[:SAMPLES]]

@@ -108,71 +108,82 @@ def test_unsupported_moe_family(tmp_path, capfd, config_class):
 
 
 @pytest.mark.parametrize(
-    "size",
+    "size,named",
     [
-        ["--experts", "8"],
-        ["--experts", "9"],
-        ["--experts", "0"],
-        ["--experts", "-3"],
-        ["--experts", "1"],  # below top-k 2 with a standard router
-        ["--ratio", "0"],
-        ["--ratio", "1"],
-        ["--ratio", "1.5"],
-        ["--ratio", "-0.25"],
-        ["--ratio", "0.01"],  # rounds to 1 expert, below top-k
+        (["--experts", "8"], r"--experts 8 .*below .*8 experts"),
+        (["--experts", "9"], r"--experts 9 .*below .*8 experts"),
+        (["--experts", "0"], r"--experts 0 .*at least 1"),
+        (["--experts", "-3"], r"--experts -3 .*at least 1"),
+        (["--experts", "1"], r"--experts 1 .*top-k \(2\)"),  # below top-k 2 with a standard router
+        (["--ratio", "0"], r"--ratio 0(\.0)? .*between 0 and 1"),
+        (["--ratio", "1"], r"--ratio 1(\.0)? .*between 0 and 1"),
+        (["--ratio", "1.5"], r"--ratio 1\.5 .*between 0 and 1"),
+        (["--ratio", "-0.25"], r"--ratio -0\.25 .*between 0 and 1"),
+        (["--ratio", "0.01"], r"--experts 1 .*top-k \(2\)"),  # rounds to 1 expert, below top-k
     ],
-    ids=lambda s: "".join(s),
+    ids=lambda s: "".join(s) if isinstance(s, list) else "",
 )
-def test_bad_target_size(tmp_path, capfd, src, size):
-    """Expert counts outside [top-k, n) and ratios outside (0, 1) are one error line, exit 2."""
+def test_bad_target_size(tmp_path, capfd, src, size, named):
+    """Expert counts outside [top-k, n) and ratios outside (0, 1) are one error line, exit 2, that names the value
+    given and the bound it breaks."""
     out = tmp_path / "out"
     code, _, err = run(reduce_args(src, out, *size), capfd)
-    assert_clean_error(code, err, out)
+    line = assert_clean_error(code, err, out)
+    assert re.search(named, line), line
 
 
 @pytest.mark.parametrize(
-    "name,content",
+    "name,content,named",
     [
-        ("empty.txt", ""),
-        ("short.txt", "Only a few words here."),
-        ("empty.jsonl", "\n\n"),
-        ("broken.jsonl", '{"text": "fine"}\n{"text": "unterminated\n'),
-        ("wrongkey.jsonl", '{"body": "no text key"}\n'),
-        ("outofvocab.jsonl", '{"input_ids": [5, 6, 99999]}\n{"input_ids": [7, 8, 9]}\n'),
+        ("empty.txt", "", r"has 0 tokens, fewer than --calib-samples 2 x --calib-seq-len 32"),
+        ("short.txt", "Only a few words here.", r"has \d tokens, fewer than --calib-samples 2 x --calib-seq-len 32"),
+        ("empty.jsonl", "\n\n", r"is empty"),
+        ("broken.jsonl", '{"text": "fine"}\n{"text": "unterminated\n', r":2: not valid JSON"),
+        ("wrongkey.jsonl", '{"body": "no text key"}\n', r"'text'.*'input_ids'"),
+        (
+            "outofvocab.jsonl",
+            '{"input_ids": [5, 6, 99999]}\n{"input_ids": [7, 8, 9]}\n',
+            r"99999\b.*vocabulary of 4096",
+        ),
     ],
     ids=["empty-txt", "short-txt", "empty-jsonl", "broken-jsonl", "wrong-key-jsonl", "out-of-vocab-ids"],
 )
-def test_bad_calibration_file(tmp_path, capfd, src, name, content):
-    """Empty, too short or malformed calibration files, and token ids outside the vocabulary, are one error line, exit 2."""
+def test_bad_calibration_file(tmp_path, capfd, src, name, content, named):
+    """Empty, too short or malformed calibration files, and token ids outside the vocabulary, are one error line, exit 2,
+    that names the file and what is wrong with it."""
     calib = tmp_path / name
     calib.write_text(content, encoding="utf-8")
     out = tmp_path / "out"
     code, _, err = run(reduce_args(src, out, "--experts", "4", "--calib", calib), capfd)
-    assert_clean_error(code, err, out)
+    line = assert_clean_error(code, err, out)
+    assert str(calib) in line and re.search(named, line), line
 
 
 @pytest.mark.parametrize(
-    "extra",
+    "extra,named",
     [
-        ["--calib", "/definitely/missing.txt"],
-        ["--calib", "hf:"],
-        ["--calib-samples", "0"],
-        ["--dtype", "float64"],
-        ["--device", "tpu"],
-        ["--device", "nonsense:x"],
+        (["--calib", "/definitely/missing.txt"], r"/definitely/missing\.txt does not exist"),
+        (["--calib", "hf:"], r"calibration spec 'hf:'.*hf:NAME"),
+        (["--calib-samples", "0"], r"--calib-samples \(0\).*at least 1"),
+        (["--dtype", "float64"], r"dtype 'float64'.*float32"),
+        (["--device", "tpu"], r"device 'tpu'.*cuda:N"),
+        (["--device", "nonsense:x"], r"device 'nonsense:x'.*cuda:N"),
     ],
-    ids=lambda e: "".join(e),
+    ids=lambda e: "".join(e) if isinstance(e, list) else "",
 )
-def test_bad_options(tmp_path, capfd, src, extra):
-    """Missing calibration files, bad specs and sizes, unknown dtypes and devices are one error line, exit 2."""
+def test_bad_options(tmp_path, capfd, src, extra, named):
+    """Missing calibration files, bad specs and sizes, unknown dtypes and devices are one error line, exit 2, naming
+    the bad value and what would be accepted."""
     out = tmp_path / "out"
     code, _, err = run(reduce_args(src, out, "--experts", "4", *extra), capfd)
-    assert_clean_error(code, err, out)
+    line = assert_clean_error(code, err, out)
+    assert re.search(named, line), line
 
 
 @pytest.mark.parametrize("cut", ["data", "header", "length"])
 def test_truncated_safetensors(tmp_path, capfd, src, cut):
-    """A safetensors file cut short (in the tensor data, inside the header, or in the length prefix) is one error line."""
+    """A safetensors file cut short (in the tensor data, inside the header, or in the length prefix) is one error line
+    naming the file as truncated."""
     model_dir = tmp_path / "model"
     shutil.copytree(src, model_dir)
     weights = model_dir / "model.safetensors"
@@ -182,7 +193,8 @@ def test_truncated_safetensors(tmp_path, capfd, src, cut):
     weights.write_bytes(data[:keep])
     out = tmp_path / "out"
     code, _, err = run(reduce_args(model_dir, out, "--experts", "4"), capfd)
-    assert_clean_error(code, err, out)
+    line = assert_clean_error(code, err, out)
+    assert str(weights) in line and "truncated" in line, line
 
 
 def test_existing_output_needs_force(tmp_path, capfd, src, calib):

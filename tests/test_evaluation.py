@@ -110,8 +110,9 @@ def oracle_dunn(x: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def closed_form_counts(config) -> dict:
-    """(parameters, expert_parameters, active_parameters) from config fields alone, for the tiny mixtral, qwen2_moe
-    and deepseek_v3 of conftest (untied or tied output projection)."""
+    """(parameters, expert_parameters, active_parameters) from config fields alone, for the tiny models of every
+    family in conftest (untied or tied output projection; Qwen's dense layers by mlp_only_layers and
+    decoder_sparse_step)."""
     kind = config.model_type
     h, v, heads = config.hidden_size, config.vocab_size, config.num_attention_heads
     n, k = getattr(config, EXPERT_FIELD[kind]), config.num_experts_per_tok
@@ -129,14 +130,25 @@ def closed_form_counts(config) -> dict:
         moe_layers = layers - dense
         layer_2d = dense * (attn + dense_mlp) + moe_layers * (attn + n * h + shared)  # the bias is a buffer
     else:
-        hd = h // heads
+        hd = getattr(config, "head_dim", None) or h // heads
         kv = config.num_key_value_heads
         attn = h * heads * hd + 2 * kv * hd * h + heads * hd * h
-        attn_1d = (heads * hd + 2 * kv * hd) if kind == "qwen2_moe" else 0  # q/k/v biases
-        expert = 3 * (config.moe_intermediate_size if kind == "qwen2_moe" else config.intermediate_size) * h
+        attn_1d = {
+            "qwen2_moe": heads * hd + 2 * kv * hd,  # q/k/v biases
+            "qwen3_moe": 2 * hd,  # q_norm and k_norm over one head
+            "olmoe": heads * hd + kv * hd,  # q_norm and k_norm over all heads
+        }.get(kind, 0)
+        qwen = kind in ("qwen2_moe", "qwen3_moe")
+        expert = 3 * (config.moe_intermediate_size if qwen else config.intermediate_size) * h
         shared = 3 * h * config.shared_expert_intermediate_size + h if kind == "qwen2_moe" else 0  # + its 1xH gate
-        moe_layers = layers
-        layer_2d = layers * (attn + n * h + shared)
+        if qwen:  # transformers' rule: a layer is MoE unless in mlp_only_layers, and only every sparse_step-th one
+            dense_ids = set(config.mlp_only_layers or [])
+            moe_ids = [i for i in range(layers) if i not in dense_ids and (i + 1) % config.decoder_sparse_step == 0]
+        else:
+            moe_ids = list(range(layers))
+        moe_layers = len(moe_ids)
+        dense_mlp = 3 * h * config.intermediate_size
+        layer_2d = layers * attn + moe_layers * (n * h + shared) + (layers - moe_layers) * dense_mlp
     experts = moe_layers * n * expert
     norms = layers * (2 * h + attn_1d) + h
     embeddings = v * h if config.tie_word_embeddings else 2 * v * h
@@ -416,13 +428,25 @@ def test_group_labels():
 # cost
 
 
-@pytest.mark.parametrize(
-    "family,tied", [("mixtral", False), ("mixtral", True), ("qwen2_moe", False), ("deepseek_v3", False)]
-)
-def test_parameter_counts_equal_closed_form(family, tied):
+COUNT_CASES = [
+    ("mixtral", False, {}),
+    ("mixtral", True, {}),
+    ("qwen2_moe", False, {}),
+    ("qwen3_moe", False, {}),
+    ("qwen3_moe", True, {"num_hidden_layers": 4, "mlp_only_layers": [1]}),  # layer 1 dense
+    ("qwen3_moe", False, {"num_hidden_layers": 4, "decoder_sparse_step": 2}),  # layers 1 and 3 MoE
+    ("olmoe", False, {}),
+    ("olmoe", True, {}),
+    ("deepseek_v3", False, {}),
+]
+
+
+@pytest.mark.parametrize("family,tied,overrides", COUNT_CASES, ids=[f"{f}-{t}-{o}" for f, t, o in COUNT_CASES])
+def test_parameter_counts_equal_closed_form(family, tied, overrides):
     """parameters, expert_parameters and active parameters per token (attention, router, shared experts, dense MLPs,
-    top-k routed experts, output projection once even if tied) from config fields; GFLOPs = 2 x active / 1e9."""
-    config = tiny_config(family)
+    top-k routed experts, output projection once even if tied) from config fields, for every family (Qwen3 also with
+    dense layers); GFLOPs = 2 x active / 1e9."""
+    config = tiny_config(family, **overrides)
     config.tie_word_embeddings = tied
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

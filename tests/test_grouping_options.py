@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, save_tiny, tiny_model
+from conftest import FAMILIES, layer_stats, save_tiny, tiny_config, tiny_model
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
+from moemerge import plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
 from moemerge.cli import main
 from moemerge.errors import MoemergeError
 from moemerge.grouping import expert_features, hierarchical_labels, kmeans_labels, labels_to_groups
+from moemerge.methods import MethodOptions
 from moemerge.statistics import collect_statistics
 
 
@@ -131,6 +133,38 @@ def test_kmeans_random_init_depends_on_the_seed():
     x = np.random.default_rng(3).normal(size=(30, 2))
     partitions = {frozenset(partition(kmeans_labels(x, 6, "random", seed=seed))) for seed in range(8)}
     assert len(partitions) > 1
+
+
+def direction_blobs() -> tuple[np.ndarray, set[frozenset[int]]]:
+    """8 features [8, 4]: experts 0, 2, 5, 7 point along one axis and 1, 3, 4, 6 along another (small noise), each
+    direction with short (norm 1) and long (norm 10) members. Returns (features, partition by direction)."""
+    rng = np.random.default_rng(5)
+    direction = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+    length = np.array([1.0, 10.0, 10.0, 1.0, 1.0, 1.0, 10.0, 10.0])
+    x = np.eye(4)[direction] + rng.normal(scale=0.05, size=(8, 4))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) * length[:, None]
+    return x, partition(direction)
+
+
+def test_cosine_kmeans_clusters_directions_not_magnitudes():
+    """--distance cosine k-means clusters the L2-normalised features: on planted features whose cosine and Euclidean
+    clusterings differ, it gives Lloyd's partition of the normalised features (numpy oracle, started from the first
+    r), which is the direction partition, for every init and seed, and plan_groups passes the distance on; Euclidean
+    k-means gives Lloyd's partition of the raw features, which is not the direction partition."""
+    x, by_direction = direction_blobs()
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert partition(lloyd(unit, unit[:2].copy())) == by_direction
+    euclidean = partition(lloyd(x, x[:2].copy()))
+    assert euclidean != by_direction  # the planted case separates the two distances
+    for init in ("first", "random", "k-means++"):
+        for seed in (0, 1, 2):
+            assert partition(kmeans_labels(x, 2, init, "cosine", seed)) == by_direction, (init, seed)
+    assert partition(kmeans_labels(x, 2, "first", "euclidean")) == euclidean
+    stats = {1: layer_stats(1, torch.from_numpy(x).float(), torch.arange(1, 9), 16)}
+    for distance, expected in (("cosine", by_direction), ("euclidean", euclidean)):
+        options = MethodOptions(cluster="kmeans", distance=distance)
+        groups = plan_groups(stats, ADAPTERS["mixtral"], tiny_config("mixtral"), 2, options=options)[1]
+        assert {frozenset(g) for g in groups} == expected, distance
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import EXPERT_FIELD, FAMILIES, layer_stats, save_tiny
+from conftest import EXPERT_FIELD, FAMILIES, layer_stats, save_permuted_copies
 from transformers import AutoModelForCausalLM
 
 import moemerge
@@ -267,20 +267,26 @@ def calib(tmp_path_factory):
 @pytest.mark.parametrize("merge", ["fix-dom", "zipit"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_neuron_matching_reduce_end_to_end(tmp_path, calib, family, merge):
-    """reduce(..., merge=fix-dom|zipit) leaves r experts in every MoE layer, loads with vanilla transformers and runs
-    a finite forward, records the merge, and two runs write byte-identical weights."""
-    src = save_tiny(family, tmp_path / "src")
+    """reduce(..., merge=fix-dom|zipit) on a model whose experts 2i + 1 are neuron-permuted copies of experts 2i (both
+    used by the router): hc-smoe pairs each copy with its original, and the matched merge of every pair is the pair's
+    dominant (more used) member, which a merge that fails to match the permuted neurons is not; r experts in every
+    MoE layer, loads with vanilla transformers and runs a finite forward, records the merge, and two runs write
+    byte-identical weights."""
+    src = save_permuted_copies(family, tmp_path / "src")
+    source = AutoModelForCausalLM.from_pretrained(src)
     r = 4
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
         moemerge.reduce(
-            src, out, experts=r, merge=merge, calib=str(calib), calib_samples=2, calib_seq_len=32, progress=False
-        )
+            src, out, experts=r, merge=merge, calib=str(calib), calib_samples=2, calib_seq_len=32, progress=False,
+            report=False,
+        )  # fmt: skip
         runs.append(out)
     a, b = runs
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
-    assert json.loads((a / "moemerge.json").read_text())["parameters"]["merge"] == merge
+    meta = json.loads((a / "moemerge.json").read_text())
+    assert meta["parameters"]["merge"] == merge
     model = AutoModelForCausalLM.from_pretrained(a)
     assert getattr(model.config, EXPERT_FIELD[family]) == r
     moe = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
@@ -289,6 +295,16 @@ def test_neuron_matching_reduce_end_to_end(tmp_path, calib, family, merge):
         assert block.experts.gate_up_proj.shape[0] == r
         assert block.experts.down_proj.shape[0] == r
         assert block.gate.weight.shape[0] == r
+    for entry in meta["layers"]:
+        assert entry["groups"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        before = source.model.layers[entry["layer"]].mlp.experts
+        after = model.model.layers[entry["layer"]].mlp.experts
+        for k, group in enumerate(entry["groups"]):
+            frequency = [entry["frequency"][j] for j in group]
+            assert min(frequency) > 0, "both members must weigh in the merge"
+            dominant = group[0] if frequency[0] >= frequency[1] else group[1]
+            torch.testing.assert_close(after.gate_up_proj[k], before.gate_up_proj[dominant], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(after.down_proj[k], before.down_proj[dominant], rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         logits = model(input_ids=torch.arange(1, 13)[None], use_cache=False).logits
     assert torch.isfinite(logits).all()

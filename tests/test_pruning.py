@@ -27,7 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moemerge
 from moemerge import MoemergeError, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
-from moemerge.methods import NEEDS_EXPERT_OUTPUTS, PRUNING_METHODS, MethodOptions, keep_highest, o_prune
+from moemerge.methods import PRUNING_METHODS, MethodOptions, keep_highest, o_prune
+from moemerge.pipeline import statistics_needs
 from moemerge.statistics import collect_statistics
 
 N, R = 8, 4
@@ -375,14 +376,22 @@ def test_o_prune_objective_uses_only_the_sampled_tokens():
 
 
 def test_o_prune_without_expert_outputs_is_an_error():
-    """O-prune on statistics collected without output samples raises instead of guessing."""
-    model, _, _ = calibrated("olmoe")
-    stats = collect_statistics(
-        model, ADAPTERS["olmoe"].moe_layers(model), [torch.tensor(sequences()[0])], 0, progress=False
-    )
+    """O-prune on statistics collected without output samples raises instead of guessing; the statistics the pipeline
+    asks for when the method is o-prune (statistics_needs) do hold output samples, and O-prune on them is the
+    brute-force argmin (its sample of up to 512 tokens holds all T tokens here)."""
+    family = "olmoe"
+    model, _, _ = calibrated(family)
+    adapter = ADAPTERS[family]
+    rows = [torch.tensor(r) for r in sequences()]
+    stats = collect_statistics(model, adapter.moe_layers(model), rows[:1], 0, progress=False)
     with pytest.raises(ValueError, match="output_sample"):
         o_prune(next(iter(stats.values())), list(range(N)), R, MethodOptions())
-    assert "o-prune" in NEEDS_EXPERT_OUTPUTS
+    needs = statistics_needs([("o-prune", MethodOptions(), "frequency", "lse")])
+    stats = collect_statistics(model, adapter.moe_layers(model), rows, progress=False, **needs)
+    for layer, layer_stats in stats.items():
+        assert layer_stats.expert_outputs.shape[0] == T
+        chosen = tuple(g[0] for g in o_prune(layer_stats, list(range(N)), R, MethodOptions()))
+        assert_argmin(chosen, block_errors(family, layer, 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,14 +439,17 @@ def test_keep_highest_ties_go_to_lower_ids():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_o_prune_error_not_above_other_pruning_methods(family):
-    """Under the own-forward oracle objective, O-prune's kept set has error <= F-prune's, S-prune's and REAP's."""
-    _, _, stats = calibrated(family)
+    """Under the own-forward oracle objective, the kept set plan_groups gives for o-prune has error <= the kept sets
+    plan_groups gives for f-prune, s-prune and reap (all four chosen by the code under test, scored by the oracle)."""
+    model, _, stats = calibrated(family)
+    plans = {m: plan_groups(stats, ADAPTERS[family], model.config, R, method=m) for m in ["o-prune", *SCORE_OF]}
     for layer in stats:
+        kept = {m: [g[0] for g in plan[layer]] for m, plan in plans.items()}
         for b, experts in enumerate(blocks_of(family)):
             errors = block_errors(family, layer, b)
-            part = tuple(j for j in expected_kept(family, "o-prune", layer) if j in experts)
+            part = tuple(j for j in kept["o-prune"] if j in experts)
             for method in SCORE_OF:
-                other = tuple(j for j in expected_kept(family, method, layer) if j in experts)
+                other = tuple(j for j in kept[method] if j in experts)
                 assert errors[part] <= errors[other] * (1 + 1e-6) + 1e-12, (method, part, other)
 
 

@@ -16,7 +16,8 @@ import pytest
 from conftest import save_tiny
 from test_cli import SMALL_CALIB, assert_clean_error, run
 
-from moemerge.recipes import SCHEMA, weights_sha256
+from moemerge.checkpoint.identity import weights_sha256
+from moemerge.recipes import SCHEMA
 
 
 @pytest.fixture(scope="module")

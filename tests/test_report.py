@@ -8,14 +8,17 @@ transformers returns (``output_router_logits``) on the same calibration tokens; 
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import FAMILIES, save_tiny
 from PIL import Image
+from scipy.spatial.distance import pdist
 from test_cli import SMALL_CALIB, TEXT, assert_clean_error, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,8 +52,80 @@ def assert_valid_report(folder: Path, moe_layers: list[int]) -> str:
     return page
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def oracle_layer_numbers(model, sequences: list[torch.Tensor]) -> dict[int, dict]:
+    """Per MoE decoder layer, recounted here from the model's own router and expert weights: top-k counts [n] (the
+    ids block.gate selects, captured with a forward hook) and the mean over all tokens of every expert's output
+    E_j(x) [n, H] in float64 (block inputs captured with a pre-hook; gate rows first in the fused gate_up_proj)."""
+    blocks = {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    ids: dict[int, list[torch.Tensor]] = {i: [] for i in blocks}
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in blocks}
+    handles = []
+    for i, block in blocks.items():
+        handles.append(block.gate.register_forward_hook(lambda m, a, out, i=i: ids[i].append(out[2].reshape(-1))))
+        handles.append(
+            block.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].reshape(-1, a[0].shape[-1])))
+        )
+    with torch.inference_mode():
+        for seq in sequences:
+            model(input_ids=seq[None], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    numbers = {}
+    for i, block in blocks.items():
+        n = block.experts.gate_up_proj.shape[0]
+        x = torch.cat(inputs[i]).double()
+        means = []
+        for j in range(n):
+            gate_up, down = (
+                block.experts.gate_up_proj[j].detach().double(),
+                block.experts.down_proj[j].detach().double(),
+            )
+            half = gate_up.shape[0] // 2
+            out = (torch.nn.functional.silu(x @ gate_up[:half].T) * (x @ gate_up[half:].T)) @ down.T
+            means.append(out.mean(0))
+        counts = torch.bincount(torch.cat(ids[i]), minlength=n)
+        numbers[i] = {"counts": counts, "mean_output": torch.stack(means).numpy()}
+    return numbers
+
+
+SUMMARY_LINE = re.compile(
+    r"  layer (\d+): most used (\d+) \(([\d.]+) %\), least used (\d+) \(([\d.]+) %\), usage entropy ([\d.]+) of 1; "
+    r"closest outputs: experts (\d+) and (\d+) \(([^)]+)\)"
+)
+
+
+def assert_summary_numbers(summary: str, name: str, numbers: dict[int, dict]) -> None:
+    """The summary's lines for calibration set ``name``: most / least used experts (shares to the printed 0.1 %),
+    usage entropy / log n (to 0.01) and the closest pair of mean outputs (scipy pdist) with its distance (3 digits),
+    against :func:`oracle_layer_numbers`."""
+    lines = summary.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith(f"calibration {name}:"))
+    parsed = [SUMMARY_LINE.fullmatch(line) for line in lines[start + 1 : start + 1 + len(numbers)]]
+    assert all(parsed), lines[start : start + 1 + len(numbers)]
+    for match, (layer, expected) in zip(parsed, numbers.items(), strict=True):
+        assert int(match[1]) == layer
+        shares = expected["counts"].double().numpy() / float(expected["counts"].sum())
+        most, least = int(match[2]), int(match[4])
+        assert shares[most] == shares.max() and float(match[3]) == pytest.approx(100 * shares.max(), abs=0.051)
+        assert shares[least] == shares.min() and float(match[5]) == pytest.approx(100 * shares.min(), abs=0.051)
+        p = shares[shares > 0]
+        entropy = float(-(p * np.log(p)).sum() / np.log(len(shares)))
+        assert float(match[6]) == pytest.approx(entropy, abs=0.0051)
+        distances = pdist(expected["mean_output"])
+        order = np.argsort(distances)
+        # the runner-up must be farther than the float32 round-off of the statistics (about 1e-6 relative)
+        assert distances[order[1]] > distances[order[0]] * (1 + 1e-4), "near-tie for the closest pair: pick other data"
+        pairs = list(itertools.combinations(range(len(shares)), 2))
+        assert (int(match[7]), int(match[8])) == pairs[order[0]]
+        assert float(match[9]) == pytest.approx(distances[order[0]], rel=5e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_inspect_writes_every_figure_and_true_numbers(tmp_path, capfd, calib_files, family):
+    """inspect on every family with two calibration sets: architecture counts summed over the model's own tensors;
+    per set and MoE layer, the usage shares, most / least used experts, usage entropy and closest pair of mean expert
+    outputs equal a recount from the model's own router and expert weights; every figure is a valid PNG the HTML
+    shows."""
     src = save_tiny(family, tmp_path / family)
     out = tmp_path / "report"
     argv = ["inspect", src, "--calib", *calib_files, *SMALL_CALIB, "--out", out, "--json"]
@@ -63,28 +138,23 @@ def test_inspect_writes_every_figure_and_true_numbers(tmp_path, capfd, calib_fil
     experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
     assert arch["expert_parameters"] == sum(p.numel() for m in experts for p in m.parameters())
     assert arch["moe_layers"] == len(experts) and arch["decoder_layers"] == model.config.num_hidden_layers
-    assert arch["shared_experts"] == (family != "mixtral")
+    shared = [m for name, m in model.named_modules() if name.endswith(("mlp.shared_expert", "mlp.shared_experts"))]
+    assert arch["shared_experts"] == bool(shared) == (family in ("qwen2_moe", "deepseek_v3"))
     assert arch["other_parameters"] + arch["expert_parameters"] + arch["shared_expert_parameters"] == arch["parameters"]
     moe_layers = [int(name.split(".")[2]) for name, _ in model.named_modules() if name.endswith("mlp.experts")]
     assert_valid_report(out, moe_layers)
     assert list(result["usage"]) == [str(p) for p in calib_files]
-    for layer_usage in result["usage"].values():
-        assert sorted(int(k) for k in layer_usage) == moe_layers
-        for row in layer_usage.values():
-            assert sum(row) == pytest.approx(1.0)
-    # the mixtral router is a plain softmax top-k: recount it from transformers' own router logits
-    if family == "mixtral":
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        calibration = load_calibration(str(calib_files[0]), tokenizer, 2, 32, 0, model.config.vocab_size)
-        counts = 0
-        with torch.inference_mode():
-            for seq in calibration.sequences:
-                logits = model(input_ids=seq[None], output_router_logits=True).router_logits
-                top = [lg.topk(model.config.num_experts_per_tok, dim=-1).indices.flatten() for lg in logits]
-                counts = counts + torch.stack([torch.bincount(t, minlength=logits[0].shape[-1]) for t in top])
-        shares = counts.double() / counts.sum(dim=1, keepdim=True)
-        got = torch.tensor([result["usage"][str(calib_files[0])][str(layer)] for layer in moe_layers])
-        assert torch.allclose(got.double(), shares)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    summary = (out / "summary.txt").read_text(encoding="utf-8")
+    assert result["summary"] == summary.strip()
+    for path in calib_files:
+        calibration = load_calibration(str(path), tokenizer, 2, 32, 0, model.config.vocab_size)
+        numbers = oracle_layer_numbers(model, calibration.sequences)
+        assert sorted(numbers) == moe_layers
+        got = torch.tensor([result["usage"][str(path)][str(layer)] for layer in moe_layers], dtype=torch.float64)
+        counts = torch.stack([numbers[layer]["counts"] for layer in moe_layers]).double()
+        torch.testing.assert_close(got, counts / counts.sum(dim=1, keepdim=True), rtol=0, atol=1e-12)
+        assert_summary_numbers(summary, str(path), numbers)
 
 
 def test_inspect_is_deterministic(tmp_path, capfd, calib_files):

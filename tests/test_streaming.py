@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -182,26 +181,87 @@ def test_resume_after_a_crash_at_every_write_is_byte_identical(tmp_path, monkeyp
         assert all_files(out) == expected, f"crash at write {k}"
 
 
+# The kill -9 test's helper process: it imports moemerge once, then for each kill point forks a child that runs
+# moemerge's CLI with one write function of the streamed run wrapped so that the child SIGKILLs itself right after
+# that function's N-th call returns; it prints each child's exit code (argv: JSON [[out, module, function, N], ...],
+# then the CLI arguments without --out). Forking from a process that has only imported (no torch work yet) saves
+# the import in every child.
+KILL_AFTER_NTH_WRITE = """
+import json, os, signal, sys
+from moemerge.cli import main
+from moemerge.streaming import reduce as streaming_reduce, state as streaming_state
+
+def child(out, module, name, n):
+    module = {"reduce": streaming_reduce, "state": streaming_state}[module]
+    real, calls = getattr(module, name), [0]
+    def write_then_die(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(module, name, write_then_die)
+    return main([*sys.argv[2:], "--out", out])
+
+codes = {}
+for out, module, name, n in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            code = child(out, module, name, n)
+        except BaseException:
+            code = 99
+        os._exit(code if isinstance(code, int) else 98)
+    codes[out] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(codes))
+"""
+# (module, function, N): the write after which the child dies, in a 3-layer run (4 shards); per layer the order is
+# layer stats (state.save_file), its shard (reduce.save_file), next hidden states (state.save_file, to .tmp then
+# renamed), state.json (state.write_json); the finish writes the 4th shard, then config, moemerge.json and publishes.
+# Then: (next_layer recorded, shards written, files that must be in .moemerge-state/).
+KILL_POINTS = {
+    "after-first-state": (("state", "write_json", 1), (0, 0, [])),  # state.json of a new run, nothing done yet
+    "after-shard-before-advance": (("reduce", "save_file", 2), (1, 2, [])),  # layer 1's shard, layer 1 not recorded
+    "after-hidden-tmp-before-rename": (("state", "save_file", 4), (1, 2, ["hidden-2.rank0.tmp"])),
+    "after-advance": (("state", "write_json", 3), (2, 2, ["hidden-1.rank0.safetensors", "hidden-2.rank0.safetensors"])),
+    "after-last-shard-before-publish": (("reduce", "save_file", 4), (3, 4, [])),  # layers done, output incomplete
+}
+
+
 def test_resume_after_kill_9_is_byte_identical(tmp_path):
-    """A real SIGKILL of the CLI once two layers are recorded, then --resume: the same files as an uninterrupted run."""
-    source = save_tiny("mixtral", tmp_path / "src", num_hidden_layers=8)
-    argv = ["reduce", source, "--experts", "4", "--calib-samples", "3", "--calib-seq-len", "24", "--stream", "--quiet"]
-    assert main([str(a) for a in [*argv, "--out", tmp_path / "clean"]]) == 0
-    out = tmp_path / "killed"
-    state_file = tmp_path / ".killed.moemerge-partial" / ".moemerge-state" / "state.json"
+    """A real SIGKILL of the CLI at chosen points of a streamed run (the process kills itself right after a given
+    write, so no timing is involved), then --resume in this process: every file equals an uninterrupted run's. Each
+    killed process must have died by the signal, left no output, and left the partial run in the state that point
+    implies."""
+    source = save_tiny("mixtral", tmp_path / "src", num_hidden_layers=3)
+    calib = tmp_path / "calib.jsonl"  # token ids as given: nothing to tokenize
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 4096, (24,), generator=g).tolist() for _ in range(3)]
+    calib.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
+    argv = ["reduce", source, "--experts", "4", "--calib", calib, "--calib-samples", "3", "--calib-seq-len", "24"]
+    argv = [str(a) for a in [*argv, "--stream", "--quiet"]]
+    assert main([*argv, "--out", str(tmp_path / "clean")]) == 0
+    expected = all_files(tmp_path / "clean")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the tests' own process (the bits depend on the thread count)
-    process = subprocess.Popen([sys.executable, "-m", "moemerge", *map(str, argv), "--out", str(out)], env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state_file.is_file() and json.loads(state_file.read_text())["next_layer"] >= 2:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run finished before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not out.exists()
-    assert main([str(a) for a in [*argv, "--out", out, "--resume"]]) == 0
-    assert all_files(out) == all_files(tmp_path / "clean")
+    points = [[str(tmp_path / point), *write] for point, (write, _) in KILL_POINTS.items()]
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_NTH_WRITE, json.dumps(points), *argv],
+        env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    for point, (_, (next_layer, shards, files)) in KILL_POINTS.items():
+        out = tmp_path / point
+        assert codes[str(out)] == -signal.SIGKILL, (point, codes, done.stderr[-2000:])
+        assert not out.exists(), point
+        partial = tmp_path / f".{point}.moemerge-partial"
+        state = json.loads((partial / ".moemerge-state" / "state.json").read_text())
+        assert state["next_layer"] == next_layer, point
+        assert len(list(partial.glob("model-*.safetensors"))) == shards, point
+        assert all((partial / ".moemerge-state" / name).is_file() for name in files), point
+        assert not (partial / "moemerge.json").exists(), point
+        assert main([*argv, "--out", str(out), "--resume"]) == 0, point
+        assert all_files(out) == expected, point
+        assert not partial.exists(), point
 
 
 def test_stream_errors_are_one_line(tmp_path, capfd, monkeypatch):

@@ -159,40 +159,93 @@ def test_generated_configs_only_include_lm_eval_s_and_set_the_data():
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny random Mixtral, the demo tokenizer, and zero_shot's scores on three tasks, LIMIT documents each."""
+    """A tiny random Mixtral, the demo tokenizer, zero_shot's scores on three tasks, LIMIT documents each, and the
+    per-document records of that very run ({task: samples by doc_id}; lm-eval's simple_evaluate wrapped to log them)."""
+    import lm_eval
+
     model = tiny_model("mixtral", seed=3)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    scores = zs.zero_shot(model, tokenizer, tasks=("arc_easy", "rte", "mmlu_anatomy"), limit=LIMIT, batch_size=4)
-    return model, tokenizer, scores
+    outputs = []
+    real = lm_eval.simple_evaluate
+
+    def logging_samples(*args, **kwargs):
+        outputs.append(real(*args, **(kwargs | {"log_samples": True})))
+        return outputs[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm_eval, "simple_evaluate", logging_samples)
+        scores = zs.zero_shot(model, tokenizer, tasks=("arc_easy", "rte", "mmlu_anatomy"), limit=LIMIT, batch_size=4)
+    samples = {
+        task: sorted(task_samples, key=lambda sample: sample["doc_id"])
+        for output in outputs
+        for task, task_samples in output["samples"].items()
+    }
+    return model, tokenizer, scores, samples
+
+
+def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """Sum of log p(continuation tokens | context) with plain torch: the tokens that context+continuation adds. As
+    lm-eval documents for a request longer than the model's max_position_embeddings L (256 here), only the last
+    L + 1 tokens are kept (the context cut from the left)."""
+    ctx = tokenizer(context)["input_ids"]
+    full = tokenizer(context + continuation)["input_ids"]
+    assert full[: len(ctx)] == ctx
+    added = len(full) - len(ctx)
+    window = full[-(model.config.max_position_embeddings + 1) :]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([window[:-1]])).logits[0].double(), dim=-1)
+    return sum(logprobs[i - 1, window[i]].item() for i in range(len(window) - added, len(window)))
+
+
+def documented_request(task: str, row: dict) -> tuple[str, list[str], int]:
+    """(context, continuations, gold index) of one document, written from lm-eval's own task yaml files: arc_easy
+    "Question: {{question}}\\nAnswer:" + " " + choice text; rte "{{sentence1}}\\nQuestion: {{sentence2}} True or
+    False?\\nAnswer:" + " True" / " False" (label 0 = entailment = True); mmlu_anatomy the subject description, then
+    "{{question.strip()}}\\nA. ...\\nD. ...\\nAnswer:" + " A" ... " D"."""
+    if task == "arc_easy":
+        gold = row["choices"]["label"].index(row["answerKey"])
+        return f"Question: {row['question']}\nAnswer:", [" " + c for c in row["choices"]["text"]], gold
+    if task == "rte":
+        return (
+            f"{row['sentence1']}\nQuestion: {row['sentence2']} True or False?\nAnswer:",
+            [" True", " False"],
+            row["label"],
+        )
+    if task == "mmlu_anatomy":
+        options = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", row["choices"], strict=True))
+        description = "The following are multiple choice questions (with answers) about anatomy.\n\n"
+        return f"{description}{row['question'].strip()}{options}\nAnswer:", [" A", " B", " C", " D"], row["answer"]
+    raise ValueError(task)
 
 
 def test_scores_are_accuracies_over_limit_documents(tiny):
-    """Every task scores LIMIT documents; acc values are multiples of 1/LIMIT in [0, 1]; average is their mean."""
-    scores = tiny[2]
+    """Every task scores LIMIT documents: the run's requests are the documented zero-shot prompts of the first LIMIT
+    raw documents, their log-likelihoods equal plain torch's, and its acc is the accuracy of an independent scorer
+    (argmax of those plain-torch log-likelihoods against the raw files' answers); acc_norm is reported exactly where
+    lm-eval's configs ask for it; average is the mean of the independent accuracies."""
+    model, tokenizer, scores, samples = tiny
+    expected = {}
     for name in ("arc_easy", "rte", "mmlu_anatomy"):
-        assert scores[name]["samples"] == LIMIT
-        for metric in ("acc", "acc_norm"):
-            if metric in scores[name]:
-                value = scores[name][metric]
-                assert 0 <= value <= 1 and abs(value * LIMIT - round(value * LIMIT)) < 1e-9
+        assert scores[name]["samples"] == LIMIT == len(samples[name])
+        hits = 0
+        for row, sample in zip(raw(EXPECTED[name]).select(range(LIMIT)), samples[name], strict=True):
+            context, continuations, gold = documented_request(name, row)
+            assert [tuple(arguments) for arguments in sample["arguments"]] == [(context, c) for c in continuations]
+            lls = [continuation_logprob(model, tokenizer, context, c) for c in continuations]
+            assert [resp[0] for resp in sample["filtered_resps"]] == pytest.approx(lls, abs=TOL)
+            top = sorted(lls, reverse=True)
+            assert top[0] - top[1] > 2 * TOL, (name, lls)  # no near-tie that batching round-off could flip
+            hits += max(range(len(lls)), key=lls.__getitem__) == gold
+        expected[name] = hits / LIMIT
+        assert scores[name]["acc"] == pytest.approx(expected[name], abs=1e-12), name
+    assert sum(expected.values()) > 0 and min(expected.values()) < 1  # not a degenerate all-right or all-wrong case
     # acc_norm exactly where lm-eval's own configs ask for it
     assert (
         "acc_norm" in scores["arc_easy"]
         and "acc_norm" not in scores["rte"]
         and "acc_norm" not in scores["mmlu_anatomy"]
     )
-    mean = sum(scores[name]["acc"] for name in ("arc_easy", "rte", "mmlu_anatomy")) / 3
-    assert scores["average"] == pytest.approx({"acc": mean})
-
-
-def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
-    """Sum of log p(continuation tokens | context) with plain torch: the tokens that context+continuation adds."""
-    ctx = tokenizer(context)["input_ids"]
-    full = tokenizer(context + continuation)["input_ids"]
-    assert full[: len(ctx)] == ctx
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
-    return sum(logprobs[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+    assert scores["average"] == pytest.approx({"acc": sum(expected.values()) / 3}, abs=1e-12)
 
 
 def lm_eval_samples(model, tokenizer, task: str) -> list[dict]:
@@ -207,7 +260,7 @@ def lm_eval_samples(model, tokenizer, task: str) -> list[dict]:
 
 def test_arc_easy_accuracy_matches_an_independent_scorer(tiny):
     """ARC-Easy requests, log-likelihoods, acc and acc_norm equal plain torch on lm-eval's documented prompt."""
-    model, tokenizer, scores = tiny
+    model, tokenizer, scores, _ = tiny
     samples = lm_eval_samples(model, tokenizer, "arc_easy")
     rows = raw(EXPECTED["arc_easy"]).select(range(LIMIT))
     hits = hits_norm = 0
@@ -278,7 +331,7 @@ def test_medmcqa_few_shot_pool_is_oe_eval_s_train_examples(medmcqa):
 
 def test_medmcqa_two_shot_prompts_and_scores(tiny):
     """Tiny-model medmcqa, limit 4: each prompt is 2 solved pool examples + the question; acc is lm-eval's argmax."""
-    model, tokenizer, _ = tiny
+    model, tokenizer, _, _ = tiny
     limit = 4
     scores = zs.zero_shot(model, tokenizer, tasks=("medmcqa",), limit=limit, batch_size=4)
     import lm_eval

@@ -13,10 +13,15 @@ from moemerge.grouping import BUDGETS, DISTANCES, KMEANS_INITS, LINKAGES, METRIC
 from moemerge.pipeline import DEFAULT_SPARSITY, ROUTER_MODES, reduce  # importing the pipeline registers every method
 from moemerge.progress import show_phases
 from moemerge.registry import names
+from moemerge.signals import signal_of, signals_as_exceptions
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad usage as one ``error: ...`` line with exit code 2."""
+    """argparse that reports bad usage as one ``error: ...`` line with exit code 2, and takes no abbreviated
+    option (``--exp`` is not ``--experts``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="with --stream: continue an interrupted run from its last finished layer"
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    _pickle_option(p)
     _device_options(p)
 
     pl = commands.add_parser("plan", help="calibrate and choose the groups like reduce, and save them as a recipe")
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reduction_options(pl)
     pl.add_argument("--out", required=True, metavar="RECIPE.json", help="recipe file to write")
     pl.add_argument("--force", action="store_true", help="replace an existing recipe")
-    pl.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    _pickle_option(pl)
     _device_options(pl)
 
     a = commands.add_parser("apply", help="reduce a model to the groups of a recipe made by moemerge plan")
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
     a.add_argument("--no-report", action="store_true", help="do not write OUT/report/ (figures of the groups)")
     a.add_argument("--force", action="store_true", help="replace an existing output directory")
-    a.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    _pickle_option(a)
     a.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the recipe's)")
     a.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: the recipe's)")
     _output_options(a)
@@ -83,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     i.add_argument("--out", required=True, help="report folder (created; never overwritten without --force)")
     i.add_argument("--force", action="store_true", help="replace an existing report folder")
-    i.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
+    _pickle_option(i)
     _device_options(i)
 
     e = commands.add_parser("eval", help="perplexity, fidelity to the original, zero-shot accuracy and cost of a model")
@@ -91,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", metavar="ORIGINAL", help="the original model: adds fidelity and cluster quality")
     _evaluation_options(e)
     e.add_argument("--no-cost", action="store_true", help="skip the memory and speed measurement")
-    e.add_argument("--out", metavar="FILE", help="write the results as JSON")
+    _pickle_option(e)
+    e.add_argument("--out", metavar="FILE", help="write the results as JSON (never overwritten without --force)")
+    e.add_argument("--force", action="store_true", help="replace an existing --out file")
     _device_options(e)
 
     c = commands.add_parser("compare", help="a grid of methods x expert counts from one calibration pass")
@@ -110,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(c)
     _calibration_options(c)
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _pickle_option(c)
     _device_options(c)
     return parser
 
@@ -200,6 +208,11 @@ def _evaluation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="at most N examples per zero-shot task")
     p.add_argument("--tasks-source", default="local", choices=("local", "hub"), help="local data (default) or hub")
     p.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
+
+
+def _pickle_option(p: argparse.ArgumentParser) -> None:
+    """--allow-pickle, for every command that loads model weights (so that the advice to pass it always holds)."""
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights from a trusted source")
 
 
 def _device_options(p: argparse.ArgumentParser) -> None:
@@ -311,7 +324,8 @@ def _print_reduced(result, args: argparse.Namespace) -> None:
     if args.quiet:
         return
     counts = [len(g) for g in result.groups.values()]
-    kept = str(result.experts) if len(set(counts)) == 1 else f"{'/'.join(map(str, counts))} (average {result.experts})"
+    average = f"{sum(counts) / len(counts):g}"
+    kept = str(counts[0]) if len(set(counts)) == 1 else f"{'/'.join(map(str, counts))} (average {average})"
     print(f"wrote {result.out}: {result.num_experts} -> {kept} experts in {len(result.groups)} MoE layers")
     print(
         f"parameters: {result.params_before:,} -> {result.params_after:,} ({_change(result.params_before, result.params_after)})"
@@ -349,12 +363,11 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from moemerge.checkpoint.writer import write_json
     from moemerge.evaluation import evaluate
-    from moemerge.evaluation.evaluate import check_results_path
+    from moemerge.output_files import check_output, write_json
 
-    if args.out:
-        check_results_path(args.out)
+    if args.out is not None:
+        check_output(args.out, args.force, reads=(args.model, args.reference, args.data), file=True)
     result = evaluate(
         args.model,
         reference=args.reference,
@@ -368,10 +381,11 @@ def _eval(args: argparse.Namespace) -> None:
         cost=not args.no_cost,
         dtype=args.dtype,
         device=args.device,
+        allow_pickle=args.allow_pickle,
         progress=not args.quiet,
     )
-    if args.out:
-        write_json(result, args.out)
+    if args.out is not None:
+        write_json(result, args.out, args.force)
     if args.json:
         print(json.dumps(result))
     elif not args.quiet:
@@ -401,6 +415,7 @@ def _compare(args: argparse.Namespace) -> None:
         device=args.device,
         seed=args.seed,
         force=args.force,
+        allow_pickle=args.allow_pickle,
         progress=not args.quiet,
     )
     if args.json:
@@ -457,11 +472,14 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    command = dict(reduce=_reduce, plan=_plan, apply=_apply, inspect=_inspect, eval=_eval, compare=_compare)
     try:
-        {"reduce": _reduce, "plan": _plan, "apply": _apply, "inspect": _inspect, "eval": _eval, "compare": _compare}[
-            args.command
-        ](args)
+        with signals_as_exceptions():
+            command[args.command](args)
     except MoemergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: temporaries are removed by then
+        print(f"error: interrupted by {signal_of(stop).name}", file=sys.stderr)
+        return 128 + signal_of(stop)
     return 0

@@ -17,17 +17,17 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from transformers import AutoConfig
 
-from moemerge.calibration import check_spec, load_calibration
-from moemerge.checkpoint import atomic_output, inspect_source, load_source
-from moemerge.checkpoint.writer import check_not_source, check_output
+from moemerge.calibration import check_calibration_size, check_spec, load_calibration
+from moemerge.checkpoint import inspect_source, load_source
 from moemerge.errors import MoemergeError
-from moemerge.evaluation.evaluate import check_evaluation, evaluation_windows, measure
+from moemerge.evaluation.evaluate import check_evaluation, check_tokenizer_for_tasks, evaluation_windows, measure
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, check_linkage
 from moemerge.methods import (
     COMPRESSING_METHODS,
     MethodOptions,
     method_options,
 )
+from moemerge.output_files import atomic_output, check_output
 from moemerge.pipeline import (
     DEFAULT_SPARSITY,
     apply_groups,
@@ -118,6 +118,7 @@ def compare(
     device: str = "cpu",
     seed: int = 0,
     force: bool = False,
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Reduce the model in directory ``model`` by every variant in ``methods`` to every count in ``experts``,
@@ -130,12 +131,13 @@ def compare(
         check_combination(v.method, v.options, router, v.align)
     check_evaluation(data, max_tokens, seq_len, tasks, limit, tasks_source, batch_size)
     check_spec(calib)
+    check_output(out, force, reads=(model, calib, data))
     out = Path(out)
-    check_output(out, force)
-    source = inspect_source(model)
-    check_not_source(out, source.path)
+    source = inspect_source(model, allow_pickle=allow_pickle)
+    check_tokenizer_for_tasks(source, tasks)
     check_uniform_source(source.path)
     config = AutoConfig.from_pretrained(source.path)
+    check_calibration_size(calib_samples, calib_seq_len, config.max_position_embeddings)
     n = source.family.num_experts(config)
     for r in experts:
         target_experts(n, r, None)

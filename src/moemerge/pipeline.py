@@ -7,8 +7,10 @@ model can be reduced in memory, e.g. in tests.
 
 from __future__ import annotations
 
+import inspect
 import platform
 import time
+import typing
 from dataclasses import dataclass, fields
 from importlib import metadata
 from pathlib import Path
@@ -18,8 +20,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from moemerge.adapters import MoEFamily, MoELayerView
-from moemerge.calibration import CalibrationSet, check_spec, load_calibration
-from moemerge.checkpoint import atomic_output, inspect_source, load_source, write_checkpoint
+from moemerge.calibration import CalibrationSet, check_calibration_size, check_spec, load_calibration
+from moemerge.checkpoint import inspect_source, load_source, write_checkpoint
+from moemerge.checkpoint.identity import model_identity
 from moemerge.checkpoint.source import (
     LOWRANK_FILE,
     SIDECAR,
@@ -29,7 +32,7 @@ from moemerge.checkpoint.source import (
     resolve_dtype,
     stored_expert_counts,
 )
-from moemerge.checkpoint.writer import check_not_source, check_output
+from moemerge.checkpoint.writer import copied_files
 from moemerge.distributed import barrier, is_writer
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, SoftGroups, check_linkage, layer_budgets
@@ -51,6 +54,7 @@ from moemerge.methods import (
     MethodOptions,
     method_options,
 )
+from moemerge.output_files import atomic_output, check_output
 from moemerge.progress import phase
 from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
@@ -60,6 +64,7 @@ ROUTER_MODES = ("reduce", "grouped")
 ROUTER_SAMPLE_TOKENS = 8192
 OUTPUT_SAMPLE_TOKENS = 512
 DEFAULT_SPARSITY = 0.9  # MC-SMoE: share of each compressed matrix's low-rank residual set to zero
+NOT_OPTIONS = ("model", "out", "force", "allow_pickle", "progress", "load")  # prepare's arguments a recipe omits
 
 
 @dataclass
@@ -166,6 +171,52 @@ def check_budget(family: MoEFamily, config, r: int, budget: str, router: str = "
             f"--budget {budget} keeps at least top-k ({top_k}) experts in every layer, so --experts {r} (the average) "
             f"must be at least {top_k}; use --budget uniform for fewer"
         )
+
+
+def check_layer_groups(family: MoEFamily, config, groups: dict[int, list[list[int]]], router: str = "reduce") -> None:
+    """Raise MoemergeError unless every layer's groups (e.g. a recipe's) are ones :func:`plan_groups` could have
+    made: a count the family's router allows (the rule :func:`check_budget` applies to r), and no group that
+    mixes two of the family's routing blocks, each block holding its share of the groups."""
+    for layer, layer_groups in groups.items():
+        try:
+            blocks = family.partitions(config, len(layer_groups), check_top_k=router == "reduce")
+        except MoemergeError as err:
+            raise MoemergeError(f"layer {layer} has {len(layer_groups)} groups, which reduce refuses: {err}") from None
+        block_of = {e: b for b, (ids, _) in enumerate(blocks) for e in ids}
+        shares = [0] * len(blocks)
+        for group in layer_groups:
+            members = {block_of[e] for e in group}
+            if len(members) > 1:
+                raise MoemergeError(f"layer {layer}: group {list(group)} mixes routing blocks {sorted(members)}")
+            shares[members.pop()] += 1
+        if shares != [share for _, share in blocks]:
+            raise MoemergeError(
+                f"layer {layer} has {shares} groups in its routing blocks; the router needs {[s for _, s in blocks]}"
+            )
+
+
+def makes_soft_groups(method: str, options: MethodOptions) -> bool:
+    """Whether ``method`` with ``options`` groups experts by memberships (fuzzy c-means)."""
+    return method_options(method, options).cluster == "fcm" and method not in PRUNING_METHODS
+
+
+def default_options() -> dict:
+    """The defaults of :func:`prepare`'s options (its keyword arguments but NOT_OPTIONS)."""
+    parameters = inspect.signature(prepare).parameters.values()
+    return {p.name: p.default for p in parameters if p.name not in NOT_OPTIONS}
+
+
+def check_option_types(options: dict) -> None:
+    """Raise MoemergeError for an unknown option or one given a value of the wrong type (``options``: keyword
+    arguments of :func:`prepare` but NOT_OPTIONS, e.g. a recipe's; ``True`` is not a number, 2 is a float)."""
+    hints = typing.get_type_hints(prepare)
+    for key, value in options.items():
+        if key not in hints or key in NOT_OPTIONS:
+            raise MoemergeError(f"unknown option {key!r}")
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if not any(type(value) is t or (t is float and type(value) is int) for t in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise MoemergeError(f"option {key} is {value!r}, not {names}")
 
 
 @torch.no_grad()
@@ -288,7 +339,7 @@ def check_combination(method: str, options: MethodOptions, router: str, align: b
             f"--method {method} keeps whole experts, and --router reduce already routes exactly as the pruned "
             "model (dropped experts masked out); use --router reduce"
         )
-    soft = method_options(method, options).cluster == "fcm" and method not in PRUNING_METHODS
+    soft = makes_soft_groups(method, options)
     if soft and router == "grouped":
         raise MoemergeError(
             "--cluster fcm puts every expert in every group by a membership, and grouped routing needs each expert "
@@ -328,11 +379,13 @@ def compression_rank(view: MoELayerView, rank: int | None, sparsity: float, para
 @dataclass
 class Prepared:
     """Everything :func:`reduce` knows after calibration, before it groups experts: the checked options, the
-    loaded model and its calibration statistics."""
+    source model and its identity (:func:`moemerge.checkpoint.identity.model_identity`), the loaded model and
+    its calibration statistics."""
 
     model_arg: str | Path
     options: dict
     source: SourceModel
+    identity: dict
     config: PretrainedConfig
     loaded: torch.nn.Module | None
     calibration: CalibrationSet
@@ -382,9 +435,8 @@ def prepare(
     calibration tokens (``loaded`` None, no layers or statistics, ``rank`` unresolved): the streaming path
     loads one layer at a time itself.
     """
-    recorded = {
-        k: v for k, v in locals().items() if k not in ("model", "out", "force", "allow_pickle", "progress", "load")
-    }
+    recorded = {k: v for k, v in locals().items() if k not in NOT_OPTIONS}
+    check_option_types(recorded)
     start = time.perf_counter()
     for kind, name in (("method", method), ("cluster", cluster), ("merge", merge), ("router-rows", router_rows)):
         resolve(kind, name)
@@ -407,20 +459,21 @@ def prepare(
     check_spec(calib)
     source = inspect_source(model, allow_pickle=allow_pickle)
     if out is not None:
-        out = Path(out)
-        check_output(out, force)
-        check_not_source(out, source.path)
+        check_output(out, force, reads=(model, calib))
+        copied_files(source.path)
     check_uniform_source(source.path)
     config = AutoConfig.from_pretrained(source.path)
     n = source.family.num_experts(config)
     r = target_experts(n, experts, ratio)
     check_budget(source.family, config, r, budget, router)
+    check_calibration_size(calib_samples, calib_seq_len, config.max_position_embeddings)
+    identity = model_identity(source, config)
 
     if not load:
         calibration = load_calibration(
             calib, load_tokenizer(source), calib_samples, calib_seq_len, seed, config.get_text_config().vocab_size
         )
-        return Prepared(model, recorded, source, config, None, calibration, [], {}, r, rank, start)
+        return Prepared(model, recorded, source, identity, config, None, calibration, [], {}, r, rank, start)
     with phase(f"loading {source.path}"):
         loaded, tokenizer = load_source(source, dtype=dtype, device=device)
     vocab_size = loaded.get_input_embeddings().num_embeddings
@@ -433,7 +486,7 @@ def prepare(
     needs = statistics_needs([(method, options, merge, router_rows)])
     with phase(f"statistics of {len(layers)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
         stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
-    return Prepared(model, recorded, source, config, loaded, calibration, layers, stats, r, rank, start)
+    return Prepared(model, recorded, source, identity, config, loaded, calibration, layers, stats, r, rank, start)
 
 
 def plan(run: Prepared) -> dict[int, list[list[int]]]:
@@ -586,6 +639,8 @@ def reduction_metadata(
             "model_type": run.config.model_type,
             "num_experts": source.family.num_experts(run.config),
             "top_k": source.family.routing_rule(run.config).top_k,
+            "config_sha256": run.identity["config_sha256"],
+            "weights_sha256": run.identity["weights_sha256"],
         },
         "calibration": {
             "spec": run.calibration.spec,

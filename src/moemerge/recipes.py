@@ -17,66 +17,33 @@ merges to the recorded groups. Calibration is deterministic, so the output is by
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
+from moemerge.adapters import MoEFamily
 from moemerge.checkpoint import inspect_source
-from moemerge.checkpoint.source import SourceModel
-from moemerge.checkpoint.writer import write_json
+from moemerge.checkpoint.identity import model_identity
 from moemerge.errors import MoemergeError
 from moemerge.grouping import SoftGroups
-from moemerge.pipeline import ReduceResult, plan, prepare, write_reduced
+from moemerge.grouping.groups import groups_problem
+from moemerge.input_files import check_regular_file
+from moemerge.output_files import check_output, write_json
+from moemerge.pipeline import (
+    ReduceResult,
+    check_layer_groups,
+    check_option_types,
+    default_options,
+    makes_soft_groups,
+    method_options_of,
+    plan,
+    prepare,
+    write_reduced,
+)
 
 SCHEMA = "moemerge.recipe/1"
-SAMPLE_BYTES = 64
-CONFIG_IGNORED = ("transformers_version", "_name_or_path")  # change without changing the model
-
-
-def config_sha256(path: Path) -> str:
-    """SHA-256 of ``config.json`` with sorted keys, without the keys in CONFIG_IGNORED."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    canonical = {k: v for k, v in config.items() if k not in CONFIG_IGNORED}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def weights_sha256(files: list[Path]) -> str:
-    """A fingerprint of the weight files read in milliseconds even for a 100 GB model: for every tensor (sorted by
-    name) its name, dtype, shape and SAMPLE_BYTES bytes at its start, middle and end; for a file that is not
-    safetensors, its size and samples at 16 evenly spaced offsets."""
-    digest = hashlib.sha256()
-    for file in sorted(files, key=lambda f: f.name):
-        with file.open("rb") as f:
-            if file.suffix != ".safetensors":
-                size = file.stat().st_size
-                digest.update(f"{file.name}:{size}".encode())
-                for k in range(16):
-                    f.seek(k * max(size - SAMPLE_BYTES, 0) // 15)
-                    digest.update(f.read(SAMPLE_BYTES))
-                continue
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-            for name in sorted(k for k in header if k != "__metadata__"):
-                entry = header[name]
-                begin, end = entry["data_offsets"]
-                digest.update(f"{name}:{entry['dtype']}:{entry['shape']}".encode())
-                for offset in (begin, (begin + end) // 2, max(end - SAMPLE_BYTES, begin)):
-                    f.seek(8 + header_len + offset)
-                    digest.update(f.read(min(SAMPLE_BYTES, end - offset)))
-    return digest.hexdigest()
-
-
-def model_identity(source: SourceModel, config) -> dict:
-    return {
-        "model_type": config.model_type,
-        "num_experts": source.family.num_experts(config),
-        "config_sha256": config_sha256(source.path),
-        "weights_sha256": weights_sha256(source.weight_files),
-    }
 
 
 def plan_recipe(
@@ -84,8 +51,8 @@ def plan_recipe(
 ) -> dict:
     """Calibrate and group like :func:`moemerge.reduce` with the same ``options``, and write the plan to the JSON
     file ``recipe`` (not replaced without ``force``). Returns the recipe."""
+    check_recipe_path(recipe, force, reads=(model, options.get("calib")))
     recipe = Path(recipe)
-    check_recipe_path(recipe, force)
     run = prepare(model, None, progress=progress, **options)
     groups = plan(run)
     layers = []
@@ -96,7 +63,7 @@ def plan_recipe(
         layers.append(entry)
     content = {
         "schema": SCHEMA,
-        "model": model_identity(run.source, run.config),
+        "model": run.identity,
         "options": run.options,
         "calibration": {
             "spec": run.calibration.spec,
@@ -105,7 +72,7 @@ def plan_recipe(
         },
         "layers": layers,
     }
-    write_json(content, recipe)
+    write_json(content, recipe, force)
     return content
 
 
@@ -124,16 +91,15 @@ def apply_recipe(
     """Reduce ``model`` to the groups planned in ``recipe`` and write it to ``out`` (with ``report/``, as reduce). ``device`` and ``dtype``
     replace the recorded ones when given. Raises MoemergeError, before any model is loaded, when ``model``
     is not the model the recipe was planned for."""
+    check_output(out, force, reads=(recipe, model))
     content = read_recipe(recipe)
     source = inspect_source(model, allow_pickle=allow_pickle)
-    identity = model_identity(source, AutoConfig.from_pretrained(source.path))
+    config = AutoConfig.from_pretrained(source.path)
+    identity = model_identity(source, config)
     check_identity(content["model"], identity, Path(recipe), source.path)
-    groups = recipe_groups(content, identity["num_experts"], recipe)
     options = content["options"] | {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    try:
-        run = prepare(model, out, force=force, allow_pickle=allow_pickle, progress=progress, **options)
-    except TypeError as err:  # an option this version does not know
-        raise MoemergeError(f"{recipe}: its options do not fit this moemerge ({err}); plan it again") from None
+    groups = recipe_groups(content, source.family, config, recipe)
+    run = prepare(model, out, force=force, allow_pickle=allow_pickle, progress=progress, **options)
     if run.calibration.sha256() != content["calibration"]["sha256"]:
         raise MoemergeError(
             f"the calibration tokens of {content['calibration']['spec']} differ from those {recipe} was planned on "
@@ -147,10 +113,11 @@ def apply_recipe(
 
 
 def read_recipe(path: str | Path) -> dict:
-    """The recipe in ``path``, checked for its schema and shape (MoemergeError otherwise)."""
+    """The recipe in ``path``, checked completely but for what needs the model (expert ids below its count,
+    the router's rules, which :func:`recipe_groups` checks): schema, model identity, option names and types,
+    calibration record, and every layer's number, groups and memberships (MoemergeError otherwise)."""
     path = Path(path)
-    if not path.is_file():
-        raise MoemergeError(f"recipe {path} does not exist; make one with moemerge plan")
+    check_regular_file(path, "give the recipe JSON file written by moemerge plan", "recipe ")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -158,10 +125,39 @@ def read_recipe(path: str | Path) -> dict:
     if not isinstance(content, dict) or content.get("schema") != SCHEMA:
         found = content.get("schema") if isinstance(content, dict) else None
         raise MoemergeError(f"{path} is not a moemerge recipe of schema {SCHEMA} (schema: {found!r})")
+    problem = _recipe_problem(content)
+    if problem is not None:
+        raise MoemergeError(f"recipe {path}: {problem}; make it again with moemerge plan")
+    return content
+
+
+def _recipe_problem(content: dict) -> str | None:
+    """What is wrong with a recipe's contents (beyond its schema), or None."""
     for key, kind in (("model", dict), ("options", dict), ("calibration", dict), ("layers", list)):
         if not isinstance(content.get(key), kind):
-            raise MoemergeError(f"recipe {path} has no valid {key!r}; make it again with moemerge plan")
-    return content
+            return f"it has no valid {key!r}"
+    model, calibration = content["model"], content["calibration"]
+    fields = [(model, "model", key, str) for key in ("model_type", "config_sha256", "weights_sha256")]
+    fields += [(model, "model", "num_experts", int), (calibration, "calibration", "sha256", str)]
+    for record, name, key, kind in fields:
+        if type(record.get(key)) is not kind:
+            return f"{name}.{key} is {record.get(key)!r}, not a {kind.__name__}"
+    try:
+        check_option_types(content["options"])
+    except MoemergeError as err:
+        return str(err)
+    if not content["layers"]:
+        return "it plans no layers"
+    seen = set()
+    for entry in content["layers"]:
+        layer = entry.get("layer") if isinstance(entry, dict) else None
+        if type(layer) is not int or layer < 0 or layer in seen:
+            return f"layer entry {str(entry)[:60]} has no layer number (a whole number >= 0) of its own"
+        seen.add(layer)
+        problem = groups_problem(entry.get("groups"), entry.get("memberships"))
+        if problem is not None:
+            return f"layer {layer}: {problem}"
+    return None
 
 
 def check_identity(planned: dict, found: dict, recipe: Path, model: Path) -> None:
@@ -184,32 +180,42 @@ def check_identity(planned: dict, found: dict, recipe: Path, model: Path) -> Non
         )
 
 
-def recipe_groups(content: dict, n: int, recipe) -> dict[int, list[list[int]]]:
-    """The recorded groups per decoder layer, checked against the model's expert count ``n``."""
+def recipe_groups(content: dict, family: MoEFamily, config, recipe) -> dict[int, list[list[int]]]:
+    """The recorded groups per decoder layer of a read recipe, checked against the model (``family``, ``config``)
+    as :func:`moemerge.reduce` checks its own: expert ids below the expert count, group counts and routing
+    blocks the router allows (:func:`moemerge.pipeline.check_layer_groups`), and memberships exactly when the
+    recorded options make soft groups (``--cluster fcm``)."""
+    n = family.num_experts(config)
+    options = default_options() | content["options"]
+    soft = makes_soft_groups(options["method"], method_options_of(options))
     groups = {}
     for entry in content["layers"]:
-        layer, layer_groups = entry.get("layer"), entry.get("groups")
-        ok = isinstance(layer_groups, list) and all(isinstance(g, list) and g for g in layer_groups)
-        members = [e for g in layer_groups for e in g] if ok else []
-        soft = "memberships" in entry
-        if not ok or not all(isinstance(e, int) and 0 <= e < n for e in members):
-            raise MoemergeError(f"{recipe}: layer {layer} has groups that are not lists of expert ids below {n}")
-        if not soft and len(set(members)) != len(members):
-            raise MoemergeError(f"{recipe}: the groups of layer {layer} hold an expert twice; plan again")
+        layer, memberships = entry["layer"], entry.get("memberships")
+        problem = groups_problem(entry["groups"], memberships, n)
+        if problem is None and (memberships is not None) != soft:
+            problem = (
+                "memberships without --cluster fcm" if memberships is not None else "no memberships for --cluster fcm"
+            )
+        if problem is not None:
+            raise MoemergeError(f"recipe {recipe}: layer {layer}: {problem}; plan again")
         if soft:
-            u = [torch.tensor(m, dtype=torch.float64) for m in entry["memberships"]]
-            groups[layer] = SoftGroups([list(g) for g in layer_groups], u)
+            u = [torch.tensor(m, dtype=torch.float64) for m in memberships]
+            groups[layer] = SoftGroups([list(g) for g in entry["groups"]], u)
         else:
-            groups[layer] = [list(g) for g in layer_groups]
+            groups[layer] = [list(g) for g in entry["groups"]]
+    try:
+        check_layer_groups(family, config, groups, options["router"])
+    except MoemergeError as err:
+        raise MoemergeError(f"recipe {recipe}: {err}") from None
     return groups
 
 
-def check_recipe_path(path: Path, force: bool) -> None:
+def check_recipe_path(path: str | Path, force: bool, reads: tuple) -> None:
+    """Raise MoemergeError unless ``path`` may become the recipe file (see :func:`check_output`), in a folder
+    that exists."""
+    check_output(path, force, reads, file=True)
+    path = Path(path)
     if path.suffix != ".json":
         raise MoemergeError(f"recipe path {path} must end in .json")
-    if path.exists() and not force:
-        raise MoemergeError(f"recipe {path} already exists; pass --force to replace it")
-    if path.is_dir():
-        raise MoemergeError(f"recipe path {path} is a directory; give a file name ending in .json")
     if not path.absolute().parent.is_dir():
         raise MoemergeError(f"the folder of recipe {path} does not exist; create it first")

@@ -20,7 +20,7 @@ _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "m
 def _names_experts(config: dict) -> bool:
     """Whether a config, or a config nested in it (DBRX ``ffn_config``, Llama 4 ``text_config``), counts experts."""
     for key, value in config.items():
-        if key in _EXPERT_COUNT_KEYS and isinstance(value, int) and value > 0:
+        if key in _EXPERT_COUNT_KEYS and type(value) is int and value > 0:
             return True
         if isinstance(value, dict) and _names_experts(value):
             return True

@@ -167,6 +167,18 @@ class MoEFamily:
     model_type: str = ""
     expert_count_field: str = ""
 
+    def check_config(self, config, file) -> None:
+        """Raise MoemergeError naming the field and ``file`` unless every config field moemerge reads holds a
+        usable value: the expert count, layers, sizes and context whole numbers >= 1, top-k from 1 to the
+        expert count, ``norm_topk_prob`` a boolean. Families add their routing fields."""
+        n = config_count(config, self.expert_count_field, file)
+        for name in ("num_hidden_layers", "hidden_size", "vocab_size", "max_position_embeddings"):
+            config_count(config, name, file)
+        config_count(config, "num_experts_per_tok", file, (n, self.expert_count_field))
+        norm = getattr(config, "norm_topk_prob", None)
+        if norm is not None and not isinstance(norm, bool):
+            raise MoemergeError(f"{file}: norm_topk_prob is {norm!r}; it must be true or false; fix config.json")
+
     def routing_rule(self, config) -> RoutingRule:
         """Softmax top-k; the top-k weights renormalised where the config says ``norm_topk_prob``."""
         return RoutingRule(top_k=config.num_experts_per_tok, normalize=bool(getattr(config, "norm_topk_prob", False)))
@@ -211,3 +223,16 @@ class MoEFamily:
             model.num_experts = r
         if hasattr(model, "num_experts_per_tok"):
             model.num_experts_per_tok = model.config.num_experts_per_tok
+
+
+def config_count(config, name: str, file, most: tuple[int, str] | None = None) -> int:
+    """``config.name``, checked to be a whole number >= 1 (and at most ``most[0]``, the field ``most[1]``); the error
+    names the field as config.json spells it (transformers' ``attribute_map`` gives some fields a second name)."""
+    value = getattr(config, name, None)
+    if type(value) is not int or value < 1 or (most is not None and value > most[0]):
+        stored = getattr(config, "attribute_map", {}).get
+        bound = "of at least 1" if most is None else f"from 1 to {stored(most[1], most[1])} ({most[0]})"
+        raise MoemergeError(
+            f"{file}: {stored(name, name)} is {value!r}; it must be a whole number {bound}; fix config.json"
+        )
+    return value

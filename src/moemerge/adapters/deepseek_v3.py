@@ -8,7 +8,9 @@ two) and no merged expert mixes blocks, so :meth:`partitions` makes each block i
 clustering problem; r must then be a multiple of ``n_group``.
 """
 
-from moemerge.adapters.base import MoEFamily, RoutingRule
+import math
+
+from moemerge.adapters.base import MoEFamily, RoutingRule, config_count
 from moemerge.errors import MoemergeError
 
 
@@ -25,6 +27,25 @@ class DeepseekV3Family(MoEFamily):
             n_group=config.n_group,
             topk_group=config.topk_group,
         )
+
+    def check_config(self, config, file) -> None:
+        """The base checks, and group-limited routing that can run: ``n_group`` splits the experts into blocks
+        of at least two, ``topk_group`` of them hold at least top-k experts, ``routed_scaling_factor`` > 0."""
+        super().check_config(config, file)
+        n, top_k = config.n_routed_experts, config.num_experts_per_tok
+        groups = config_count(config, "n_group", file, (n, "n_routed_experts"))
+        config_count(config, "topk_group", file, (groups, "n_group"))
+        if n % groups or n // groups < 2 or config.topk_group * (n // groups) < top_k:
+            raise MoemergeError(
+                f"{file}: n_group {groups} and topk_group {config.topk_group} do not fit n_routed_experts {n} and "
+                f"num_experts_per_tok {top_k} (n_group must split the experts into equal blocks of at least 2, and "
+                "topk_group blocks must hold top-k experts); fix config.json"
+            )
+        scale = config.routed_scaling_factor
+        if type(scale) not in (int, float) or not 0 < scale < math.inf:
+            raise MoemergeError(
+                f"{file}: routed_scaling_factor is {scale!r}; it must be a number above 0; fix config.json"
+            )
 
     def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:
         rule = self.routing_rule(config)

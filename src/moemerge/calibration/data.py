@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import MoemergeError
+from moemerge.input_files import file_kind
 
 
 @dataclass
@@ -51,50 +52,84 @@ class CalibrationSet:
 
 
 def load_calibration(
-    spec: str | None, tokenizer, samples: int = 32, seq_len: int = 2048, seed: int = 0, vocab_size: int | None = None
+    spec: str | None,
+    tokenizer,
+    samples: int = 32,
+    seq_len: int = 2048,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    context: int | None = None,
 ) -> CalibrationSet:
     """Read ``spec`` (see the module docstring) into ``samples`` sequences of at most ``seq_len`` tokens.
 
-    ``vocab_size``: when given, ``input_ids`` rows holding a larger id are refused.
+    ``vocab_size``: when given, a token id at or above it is refused, whichever source it came from.
+    ``context``: when given, a ``seq_len`` above it (the model's ``max_position_embeddings``) is refused.
     """
-    if samples < 1 or seq_len < 1:
-        raise MoemergeError(f"--calib-samples ({samples}) and --calib-seq-len ({seq_len}) must be at least 1")
+    check_calibration_size(samples, seq_len, context)
     name = spec or "default corpus"
     documents, rows = _read_spec(spec, min_chars=8 * samples * seq_len)
     if rows is not None:
-        return CalibrationSet(name, _token_rows(Path(spec), rows, samples, seq_len, vocab_size))
-    if tokenizer is None:
+        sequences = _token_rows(Path(spec), rows, samples, seq_len)
+    elif tokenizer is None:
         raise MoemergeError(f"the model has no tokenizer to read {name}; pass --calib with an input_ids .jsonl")
-    return CalibrationSet(name, _windows(name, _token_stream(documents, tokenizer), samples, seq_len, seed))
+    else:
+        sequences = _windows(name, _token_stream(documents, tokenizer), samples, seq_len, seed)
+    return _within_vocabulary(CalibrationSet(name, sequences), vocab_size)
 
 
 def load_tokens(spec: str | None, tokenizer, max_tokens: int, vocab_size: int | None = None) -> CalibrationSet:
     """The first ``max_tokens`` tokens of ``spec`` (any ``--calib`` form) as one sequence, e.g. evaluation text.
 
     Text documents are joined with the end-of-text token; ``input_ids`` rows are concatenated in file order.
+    ``vocab_size`` as for :func:`load_calibration`.
     """
     name = spec or "default corpus"
     documents, rows = _read_spec(spec, min_chars=8 * max_tokens)
     if rows is not None:
-        stream = torch.cat(_token_rows(Path(spec), rows, len(rows), max_tokens, vocab_size))
+        stream = torch.cat(_token_rows(Path(spec), rows, len(rows), max_tokens))
     elif tokenizer is None:
         raise MoemergeError(f"the model has no tokenizer to read {name}; pass an input_ids .jsonl")
     else:
         stream = _token_stream(documents, tokenizer)
     if len(stream) < 2:
         raise MoemergeError(f"{name} holds fewer than 2 tokens; give more text")
-    return CalibrationSet(name, [stream[:max_tokens].clone()])
+    return _within_vocabulary(CalibrationSet(name, [stream[:max_tokens].clone()]), vocab_size)
+
+
+def check_calibration_size(samples: int, seq_len: int, context: int | None = None) -> None:
+    """Raise MoemergeError unless there is at least one sequence of at least one token, and (when the model's
+    ``context`` is given) the sequences fit in it."""
+    if samples < 1 or seq_len < 1:
+        raise MoemergeError(f"--calib-samples ({samples}) and --calib-seq-len ({seq_len}) must be at least 1")
+    if context is not None and seq_len > context:
+        raise MoemergeError(
+            f"--calib-seq-len {seq_len} is beyond the model's context of {context} tokens (max_position_embeddings); "
+            f"use --calib-seq-len {context} or less"
+        )
 
 
 def check_spec(spec: str | None) -> None:
     """Raise MoemergeError for a spec that cannot be read, before any other work (the hub is not contacted)."""
     if spec is None or spec.startswith("hf:"):
         return
-    path = Path(spec)
-    if not path.is_file():
+    kind = file_kind(spec)
+    if kind == "missing":
         raise MoemergeError(f"text file {spec} does not exist; pass a .txt or .jsonl file, or hf:NAME")
-    if _kind(path) is None:
+    if kind is not None:
+        raise MoemergeError(f"text file {spec} is {kind}; pass a .txt or .jsonl file, or hf:NAME")
+    if _kind(Path(spec)) is None:
         raise MoemergeError(f"text file {spec} must end in .txt or .jsonl (optionally with .gz)")
+
+
+def _within_vocabulary(calibration: CalibrationSet, vocab_size: int | None) -> CalibrationSet:
+    """``calibration``, unless a token id is at or above ``vocab_size`` (MoemergeError naming it)."""
+    for number, sequence in enumerate(calibration.sequences, start=1):
+        if vocab_size is not None and len(sequence) and int(sequence.max()) >= vocab_size:
+            raise MoemergeError(
+                f"{calibration.spec}: sequence {number} holds token id {int(sequence.max())}, outside the model's "
+                f"vocabulary of {vocab_size}; were these tokens made by another model's tokenizer?"
+            )
+    return calibration
 
 
 def _kind(path: Path) -> str | None:
@@ -149,7 +184,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int, vocab_size: int | None) -> list[torch.Tensor]:
+def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int) -> list[torch.Tensor]:
     if len(rows) < samples:
         raise MoemergeError(
             f"{path} has {len(rows)} input_ids rows but --calib-samples is {samples}; add rows or lower --calib-samples"
@@ -159,11 +194,6 @@ def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int, vocab_
         ids = row["input_ids"]
         if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
             raise MoemergeError(f"{path}: row {number}: input_ids must be a non-empty list of token ids")
-        if vocab_size is not None and max(ids) >= vocab_size:
-            raise MoemergeError(
-                f"{path}: row {number}: token id {max(ids)} is outside the model's vocabulary of {vocab_size}; "
-                "were these ids made with another tokenizer?"
-            )
         sequences.append(torch.tensor(ids[:seq_len], dtype=torch.int64))
     return sequences
 

@@ -2,6 +2,6 @@
 
 from moemerge.checkpoint.loader import load_model
 from moemerge.checkpoint.source import SourceModel, inspect_source, load_source
-from moemerge.checkpoint.writer import atomic_output, write_checkpoint
+from moemerge.checkpoint.writer import write_checkpoint
 
-__all__ = ["SourceModel", "atomic_output", "inspect_source", "load_model", "load_source", "write_checkpoint"]
+__all__ = ["SourceModel", "inspect_source", "load_model", "load_source", "write_checkpoint"]

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+from moemerge.checkpoint.model_files import read_record
 from moemerge.checkpoint.source import SIDECAR, inspect_source, load_source
 from moemerge.routing.grouped import install_grouped_routers
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", allow_pickle: bool = False):
     """Load a reduced model (or any supported model) from ``path`` in eval mode.
 
     For ``--router grouped`` outputs, each MoE layer gets back its original n-way router, and a
     token routed to any member of a group goes to the group's merged expert. Other outputs
-    are exactly what ``AutoModelForCausalLM.from_pretrained(path)`` gives.
+    are exactly what ``AutoModelForCausalLM.from_pretrained(path)`` gives. ``allow_pickle``: accept pickle
+    weights from a trusted source.
     """
-    source = inspect_source(path)
+    source = inspect_source(path, allow_pickle=allow_pickle)
     model, _ = load_source(source, dtype=dtype, device=device)
-    meta_file = source.path / "moemerge.json"
-    if not meta_file.is_file():
+    meta = read_record(source.path)
+    if meta is None:
         return model
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
     if meta["router"] == "grouped":
         tensors = load_file(source.path / SIDECAR)
         layers = [entry["layer"] for entry in meta["layers"]]

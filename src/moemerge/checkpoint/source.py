@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +9,19 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from moemerge.adapters import MoEFamily, family_for
+from moemerge.checkpoint.load_errors import transformers_call
+from moemerge.checkpoint.model_files import (
+    PICKLE_SUFFIXES,
+    check_model_folder,
+    check_safetensors,
+    read_config,
+    read_record,
+)
 from moemerge.errors import MoemergeError
+from moemerge.transformers_internals import causal_lm_class, subclass_with_init
 
 SIDECAR = "moemerge_router.safetensors"  # the original routers of a --router grouped output
 LOWRANK_FILE = "moemerge_lowrank.safetensors"  # mc-smoe's low-rank and sparse factors
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,22 +40,26 @@ class SourceModel:
 
 
 def inspect_source(path: str | Path, allow_pickle: bool = False) -> SourceModel:
-    """Validate a local model directory without loading its weights."""
+    """Validate a local model directory without loading its weights: every file in it is a regular file
+    (:func:`check_model_folder`), ``config.json`` a supported family's with usable values in every field
+    moemerge reads, every safetensors header complete, and a ``moemerge.json`` readable."""
     path = Path(path)
     if not path.exists():
         raise MoemergeError(f"model path {path} does not exist; pass a local model directory")
-    if not path.is_dir() or not (path / "config.json").is_file():
+    if not path.is_dir():
+        raise MoemergeError(f"{path} is not a model directory but a file; pass the folder holding config.json")
+    check_model_folder(path)
+    if not (path / "config.json").exists():
         raise MoemergeError(f"{path} is not a model directory: it has no config.json")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoemergeError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+    config = read_config(path)
     family = family_for(config)
-    weights = sorted(p for p in path.glob("*.safetensors") if p.name not in (SIDECAR, LOWRANK_FILE))
-    if weights:
-        for file in weights:
-            check_safetensors(file)
-    else:
+    family.check_config(load_config(path), path / "config.json")
+    safetensors = sorted(path.glob("*.safetensors"))
+    for file in safetensors:
+        check_safetensors(file)
+    read_record(path)
+    weights = [p for p in safetensors if p.name not in (SIDECAR, LOWRANK_FILE)]
+    if not weights:
         weights = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not weights:
             raise MoemergeError(f"{path} holds no weights (*.safetensors)")
@@ -61,23 +71,11 @@ def inspect_source(path: str | Path, allow_pickle: bool = False) -> SourceModel:
     return SourceModel(path, config, family, weights)
 
 
-def check_safetensors(file: Path) -> None:
-    """Raise MoemergeError unless ``file`` has a readable header and all the bytes it promises."""
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        head = f.read(8)
-        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if header_len < 0 or 8 + header_len > size:
-            raise MoemergeError(f"{file} is truncated or not a safetensors file; download it again")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MoemergeError(f"{file} has a corrupt safetensors header; download it again") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end != size:
-        raise MoemergeError(
-            f"{file} is truncated ({size} bytes, its header needs {8 + header_len + end}); download it again"
-        )
+def load_config(path: Path):
+    """transformers' config of the model folder ``path``; one MoemergeError line when transformers refuses it
+    (e.g. a field of the wrong type)."""
+    file = path / "config.json"
+    return transformers_call(f"{file} is refused by transformers", lambda: AutoConfig.from_pretrained(path), "fix it")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -110,44 +108,44 @@ def load_source(source: SourceModel, dtype: str = "auto", device: str = "cpu"):
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     counts = stored_expert_counts(source.path)
     model_class = AutoModelForCausalLM if counts is None else per_layer_model_class(source, counts)
-    try:
-        model = model_class.from_pretrained(source.path, dtype=torch_dtype, use_safetensors=not source.uses_pickle)
-    except (OSError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoemergeError(f"transformers could not load {source.path}: {first_line}") from None
+    model = transformers_call(
+        f"transformers could not load {source.path}",
+        lambda: model_class.from_pretrained(source.path, dtype=torch_dtype, use_safetensors=not source.uses_pickle),
+    )
     return model.to(dev).eval(), load_tokenizer(source)
+
+
+def has_tokenizer(source: SourceModel) -> bool:
+    """Whether the model folder ships tokenizer files."""
+    return any(source.path.glob("tokenizer*"))
 
 
 def load_tokenizer(source: SourceModel):
     """The source's tokenizer, or None when it ships none."""
-    return AutoTokenizer.from_pretrained(source.path) if any(source.path.glob("tokenizer*")) else None
+    if not has_tokenizer(source):
+        return None
+    return transformers_call(
+        f"transformers could not load the tokenizer of {source.path}",
+        lambda: AutoTokenizer.from_pretrained(source.path),
+    )
 
 
 def stored_expert_counts(path: Path) -> dict[int, int] | None:
     """Experts per MoE layer of a moemerge output whose layers differ in count, else None."""
-    meta_file = path / "moemerge.json"
-    if not meta_file.is_file():
+    record = read_record(path)
+    if record is None:
         return None
-    layers = json.loads(meta_file.read_text(encoding="utf-8")).get("layers", [])
-    counts = {entry["layer"]: len(entry["groups"]) for entry in layers}
+    counts = {entry["layer"]: len(entry["groups"]) for entry in record["layers"]}
     return counts if len(set(counts.values())) > 1 else None
 
 
 def per_layer_model_class(source: SourceModel, counts: dict[int, int]) -> type:
-    """The source's transformers model class, with MoE layer l built for ``counts[l]`` experts.
-
-    The class keeps its name, and asks the transformers class whether the fast attention and
-    experts kernels apply (transformers decides that from the class's source file).
-    """
-    base = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(source.path))]
+    """The source's transformers model class, with MoE layer l built for ``counts[l]`` experts."""
 
     def __init__(self, config):
         base.__init__(self, config)
         for view in source.family.moe_layers(self):
             view.keep_first(counts[view.layer])
 
-    kernels = {
-        name: classmethod(lambda cls, name=name: getattr(base, name)())
-        for name in ("_can_set_attn_implementation", "_can_set_experts_implementation")
-    }
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__, **kernels})
+    base = causal_lm_class(AutoConfig.from_pretrained(source.path))
+    return subclass_with_init(base, __init__)

@@ -87,13 +87,16 @@ def bytes_on_disk(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def measure_in_fresh_process(path: str | Path, dtype: str = "auto", device: str = "cpu") -> dict:
-    """:func:`speed` and peak memory of the model at ``path``, loaded alone in a new Python process.
+def measure_in_fresh_process(
+    path: str | Path, dtype: str = "auto", device: str = "cpu", allow_pickle: bool = False
+) -> dict:
+    """:func:`speed` and peak memory of the model at ``path``, loaded alone in a new Python process (which accepts
+    pickle weights only with ``allow_pickle``).
 
     peak_memory_bytes: the process's peak resident set on CPU (including Python and torch, whose
     share is baseline_memory_bytes), or torch's peak allocated GPU memory on CUDA.
     """
-    command = [sys.executable, "-m", "moemerge.evaluation.cost", str(path), dtype, device]
+    command = [sys.executable, "-m", "moemerge.evaluation.cost", str(path), dtype, device, str(allow_pickle)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
@@ -105,13 +108,13 @@ def _resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-def _main(path: str, dtype: str, device: str) -> None:
+def _main(path: str, dtype: str, device: str, allow_pickle: str) -> None:
     from transformers import AutoTokenizer
 
     from moemerge.checkpoint.loader import load_model
 
     baseline = _resident_bytes()
-    model = load_model(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle == "True")
     tokenizer = AutoTokenizer.from_pretrained(path) if any(Path(path).glob("tokenizer*")) else None
     result = speed(model, tokenizer)
     if model.device.type == "cuda":
@@ -123,4 +126,4 @@ def _main(path: str, dtype: str, device: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:4])
+    _main(*sys.argv[1:5])

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoTokenizer
 
 from moemerge.calibration import check_spec, load_tokens
 from moemerge.checkpoint import inspect_source
+from moemerge.checkpoint.identity import config_sha256, weights_sha256
 from moemerge.checkpoint.loader import load_model
+from moemerge.checkpoint.model_files import read_record
+from moemerge.checkpoint.source import has_tokenizer, load_tokenizer
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.cluster_quality import cluster_quality, group_labels
 from moemerge.evaluation.cost import bytes_on_disk, measure_in_fresh_process, parameter_counts
@@ -33,6 +34,7 @@ def evaluate(
     cost: bool = True,
     dtype: str = "auto",
     device: str = "cpu",
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> dict:
     """Evaluate the model in directory ``model`` (an original, ``reduce``d or ``grouped`` output).
@@ -41,16 +43,18 @@ def evaluate(
     bundled calibration corpus, which is *not* held-out text) in windows of ``seq_len``; with a
     ``reference`` (the original model): its perplexity on the same tokens, fidelity, and for a
     moemerge output the cluster quality of its groups on the reference's expert outputs; zero-shot
-    accuracy on ``tasks`` through lm-evaluation-harness; and cost. All input is checked first.
+    accuracy on ``tasks`` through lm-evaluation-harness; and cost. All input is checked first, the
+    ``reference`` against the source identity a moemerge output records (:func:`check_reference`).
     """
     check_evaluation(data, max_tokens, seq_len, tasks, limit, tasks_source, batch_size)
-    source = inspect_source(model)
-    reference_source = inspect_source(reference) if reference is not None else None
+    source = inspect_source(model, allow_pickle=allow_pickle)
+    check_tokenizer_for_tasks(source, tasks)
+    reference_source = inspect_source(reference, allow_pickle=allow_pickle) if reference is not None else None
     if reference_source is not None:
         check_reference(source, reference_source)
     start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(source.path) if any(source.path.glob("tokenizer*")) else None
+    loaded = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(source)
     text, seq_len, chunks = evaluation_windows(loaded, tokenizer, data, max_tokens, seq_len)
     result = {
         "model": str(model),
@@ -59,7 +63,7 @@ def evaluate(
     }
     original = None
     if reference_source is not None:
-        original = load_model(reference, dtype=dtype, device=device)
+        original = load_model(reference, dtype=dtype, device=device, allow_pickle=allow_pickle)
     result |= measure(loaded, tokenizer, source.family, chunks, original, tasks, limit, tasks_source, batch_size)
     if original is not None:
         quality = groups_quality(source.path, original, source.family, chunks, progress)
@@ -68,7 +72,7 @@ def evaluate(
         del original
     if cost:
         result["cost"] = parameter_counts(loaded, source.family) | {"bytes_on_disk": bytes_on_disk(source.path)}
-        result["cost"] |= measure_in_fresh_process(source.path, dtype, device)
+        result["cost"] |= measure_in_fresh_process(source.path, dtype, device, allow_pickle)
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -102,8 +106,24 @@ def check_evaluation(
     check_spec(data)
 
 
+def check_tokenizer_for_tasks(source, tasks: tuple[str, ...]) -> None:
+    """Raise MoemergeError when zero-shot ``tasks`` are asked of a model without a tokenizer."""
+    if tasks and not has_tokenizer(source):
+        raise MoemergeError(
+            f"--tasks needs the model's tokenizer to read the task prompts, and {source.path} has none "
+            "(no tokenizer* files); copy its original's tokenizer files into it, or drop --tasks"
+        )
+
+
 def check_reference(source, reference) -> None:
-    """Raise MoemergeError unless ``reference`` (a checked source) can be the original of ``source``."""
+    """Raise MoemergeError unless ``reference`` (a checked source) can be the original of ``source``: another
+    folder, of the same family and shape, and, when ``source`` is a moemerge output that records its source's
+    fingerprints (config SHA-256 and weights fingerprint), that very model. For another model there is no record
+    to check it against."""
+    if source.path.resolve() == reference.path.resolve():
+        raise MoemergeError(
+            f"--reference {reference.path} is the evaluated model itself; give the original it was reduced from"
+        )
     if reference.family is not source.family:
         raise MoemergeError(
             f"--reference {reference.path} is a {reference.family.model_type} model but {source.path} is "
@@ -115,16 +135,19 @@ def check_reference(source, reference) -> None:
             f"--reference {reference.path} differs from {source.path} in layers or hidden size; compare a reduced "
             "model with its own original"
         )
-
-
-def check_results_path(out: str | Path) -> None:
-    """Raise MoemergeError if ``out`` cannot become a results file (a directory, or under a file)."""
-    out = Path(out)
-    if out.is_dir():
-        raise MoemergeError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise MoemergeError(f"--out {out} lies under {parent}, which is a file; choose another --out")
+    recorded = (read_record(source.path) or {"source": {}})["source"]
+    found = {"config_sha256": config_sha256(reference.path), "weights_sha256": weights_sha256(reference.weight_files)}
+    differ = [
+        what
+        for key, what in (("config_sha256", "config.json"), ("weights_sha256", "weights"))
+        if recorded.get(key, found[key]) != found[key]
+    ]
+    if differ:
+        raise MoemergeError(
+            f"--reference {reference.path} is not the model {source.path} was reduced from ({', '.join(differ)} "
+            f"differ from the source recorded in {source.path / 'moemerge.json'}, {recorded.get('path')}); give "
+            "that model as --reference"
+        )
 
 
 def measure(
@@ -156,10 +179,10 @@ def measure(
 def groups_quality(path: Path, original, family, chunks, progress: bool) -> dict | None:
     """Cluster quality of a moemerge output's groups per layer (and their mean), on the original model's mean
     expert outputs over ``chunks``; None for other models and for pruned ones."""
-    meta_file = path / "moemerge.json"
-    if not meta_file.is_file():
+    record = read_record(path)
+    if record is None:
         return None
-    entries = json.loads(meta_file.read_text(encoding="utf-8"))["layers"]
+    entries = record["layers"]
     views = family.moe_layers(original)
     labels = {e["layer"]: group_labels(e["groups"], views[0].num_experts, e.get("memberships")) for e in entries}
     if any(v is None for v in labels.values()):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from moemerge.calibration import check_spec, load_calibration
-from moemerge.checkpoint import atomic_output, inspect_source, load_source
-from moemerge.checkpoint.writer import check_not_source, check_output
+from moemerge.calibration import check_calibration_size, check_spec, load_calibration
+from moemerge.checkpoint import inspect_source, load_source
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.cost import parameter_counts
+from moemerge.output_files import atomic_output, check_output
 from moemerge.progress import phase
 from moemerge.report.figures import usage_matrix
 from moemerge.report.page import write_report
@@ -65,11 +65,11 @@ def inspect(
         raise MoemergeError("--calib names the same calibration set twice; give each once")
     for spec in specs:
         check_spec(spec)
+    check_output(out, force, reads=(model, *specs))
     out = Path(out)
-    check_output(out, force)
     source = inspect_source(model, allow_pickle=allow_pickle)
-    check_not_source(out, source.path)
     config = AutoConfig.from_pretrained(source.path)
+    check_calibration_size(calib_samples, calib_seq_len, config.max_position_embeddings)
     with phase(f"loading {source.path}"):
         loaded, tokenizer = load_source(source, dtype=dtype, device=device)
     layers = source.family.moe_layers(loaded)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from moemerge.adapters import MoELayerView, RoutingRule
 from moemerge.distributed import gather_in_order, my_share, rank_and_world
 from moemerge.heap import trim_heap
+from moemerge.statistics.finite import WEIGHTS_FIX, check_finite, check_statistics
 
 CHUNK_BYTES = 128 << 20  # float32 size of the [chunk, n, 2I] expert activations of one token chunk
 _SUMMED = ("act", "counts", "prob", "reap")
@@ -84,7 +85,8 @@ class LayerAccumulator:
     with several processes the per-sequence sums of all ranks are added in sequence order
     (:mod:`moemerge.distributed`), so the result does not depend on the number of processes. ``seen`` is the
     calibration-set offset of the next token (a driver that skips sequences sets it), which places the
-    sampled router inputs.
+    sampled router inputs. The layer's weights are checked for NaN and Inf when it is built, its statistics
+    when they are read (:mod:`moemerge.statistics.finite`).
     """
 
     def __init__(
@@ -96,6 +98,9 @@ class LayerAccumulator:
         keep_router_logits: bool = False,
         weight_gram: bool = False,
     ):
+        gate_up, down = view.block.experts.gate_up_proj, view.block.experts.down_proj
+        weights = {"experts.gate_up_proj": gate_up, "experts.down_proj": down, "gate.weight": view.router_weight}
+        check_finite(view.layer, weights | {"gate.e_score_correction_bias": view.selection_bias}, WEIGHTS_FIX)
         self.view = view
         self.total_tokens = total_tokens
         self.keep_router_logits, self.weight_gram = keep_router_logits, weight_gram
@@ -206,6 +211,7 @@ class LayerAccumulator:
             x = x.to(self.view.router_weight)
             stats.router_logits = (x @ self.view.router_weight.T).float().cpu()
             stats.expert_outputs = expert_outputs(self.view, x).cpu()
+        check_statistics(stats)
         return stats
 
 

@@ -26,10 +26,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from moemerge.checkpoint.source import resolve_device, resolve_dtype
-from moemerge.checkpoint.writer import publish, write_extras
+from moemerge.checkpoint.writer import write_extras
 from moemerge.distributed import barrier, is_writer, my_share, rank_and_world
 from moemerge.errors import MoemergeError
 from moemerge.methods import COMPRESSING_METHODS
+from moemerge.output_files import clear_stale, publish, writing
 from moemerge.pipeline import (
     LOWRANK_FILE,
     SIDECAR,
@@ -47,7 +48,6 @@ from moemerge.pipeline import (
     write_reduce_report,
 )
 from moemerge.progress import phase
-from moemerge.recipes import model_identity
 from moemerge.statistics import LayerAccumulator, sequence_offsets
 from moemerge.streaming.layers import (
     SourceTensors,
@@ -109,10 +109,11 @@ def reduce_streaming(
     identity = {
         "options": o,
         "sequential": sequential,
-        "model": model_identity(run.source, config),
+        "model": run.identity,
         "calibration": run.calibration.sha256(),
         "processes": world,
     }
+    clear_stale(out)
     state = RunState.open(partial_dir(out), identity, resume, force)
     if report:
         from moemerge.report import architecture
@@ -140,7 +141,7 @@ def reduce_streaming(
     total = run.calibration.num_tokens
     num_layers = config.num_hidden_layers
     shards = num_layers + 1
-    with phase(f"streaming {num_layers - start} of {num_layers} decoder layers"):
+    with writing(out), phase(f"streaming {num_layers - start} of {num_layers} decoder layers"):
         for i in tqdm(range(start, num_layers), desc="layers", unit="layer", disable=not progress):
             layer = load_layer(skel, source, i, dtype).to(device)
             view = views.get(i)
@@ -179,12 +180,12 @@ def reduce_streaming(
             unload(layer)
 
     if is_writer():
-        with phase(f"writing {out}"):
+        with writing(out), phase(f"writing {out}"):
             groups, stats = _finish(run, state, skel, source, dtype, views, shards)
             if report:
                 write_reduce_report(state.partial, run, original, groups, stats, progress)
             state.discard()
-            publish(state.partial, out.absolute())
+            publish(state.partial, out.absolute(), force)
     barrier()
     skel.tie_weights()  # moving the embeddings to meta untied a tied output head; count it once
     meta = _read_json(out / "moemerge.json")

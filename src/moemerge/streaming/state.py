@@ -14,12 +14,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moemerge.checkpoint.writer import write_json
 from moemerge.distributed import on_writer
 from moemerge.errors import MoemergeError
 from moemerge.grouping import SoftGroups
+from moemerge.output_files import write_json
 from moemerge.progress import log
 from moemerge.statistics import LayerStatistics
 
@@ -64,7 +65,7 @@ class RunState:
         tmp.replace(self.hidden_file(layer, rank))
 
     def load_hidden(self, layer: int, rank: int) -> dict[int, torch.Tensor]:
-        tensors = load_file(self.hidden_file(layer, rank))
+        tensors = _load(self.partial, self.hidden_file(layer, rank))
         return {int(name.split(".")[1]): h for name, h in tensors.items()}
 
     def save_layer(
@@ -92,7 +93,7 @@ class RunState:
     def advance(self, next_layer: int) -> None:
         """Record that every layer before ``next_layer`` is done (atomically), then drop older hidden states."""
         self.state["next_layer"] = next_layer
-        write_json(self.state, self.file)
+        write_json(self.state, self.file, force=True)
         for old in self.dir.glob("hidden-*.safetensors"):
             if int(old.name.split("-")[1].split(".")[0]) < next_layer:
                 old.unlink(missing_ok=True)
@@ -102,7 +103,7 @@ class RunState:
         groups, stats, routers, factors, saved = {}, {}, {}, {}, 0
         for layer in layer_ids:
             record = self.state["layers"][str(layer)]
-            tensors = load_file(self.dir / f"layer-{layer}.safetensors")
+            tensors = _load(self.partial, self.dir / f"layer-{layer}.safetensors")
             kept = {f: tensors.get(f"stats.{f}") for f in KEPT_STATS}
             stats[layer] = LayerStatistics(
                 layer,
@@ -132,15 +133,14 @@ class RunState:
 def _open(partial: Path, run: dict, resume: bool, force: bool) -> dict:
     file = partial / STATE_DIR / "state.json"
     if resume and file.is_file():
-        state = json.loads(file.read_text(encoding="utf-8"))
-        if state.get("schema") != SCHEMA:
-            raise MoemergeError(f"{file} is not a moemerge state file ({SCHEMA}); delete {partial}")
+        state = _read_state(file, partial)
         differ = [key for key in run if state["run"].get(key) != run[key]]
         if differ:
             raise MoemergeError(
                 f"--resume: the unfinished run in {partial} used other {', '.join(differ)}; rerun with the same "
                 f"model and options, or delete {partial} to start over"
             )
+        _check_recorded_files(state, partial)
         return state
     if resume:  # killed before its first record (or never started)
         log.info("moemerge: nothing recorded in %s to resume; starting at layer 0", partial)
@@ -151,5 +151,56 @@ def _open(partial: Path, run: dict, resume: bool, force: bool) -> dict:
     if partial.exists():
         shutil.rmtree(partial)
     state = {"schema": SCHEMA, "run": run, "next_layer": 0, "layers": {}}
-    write_json(state, file)
+    write_json(state, file, force=True)
     return state
+
+
+def _read_state(file: Path, partial: Path) -> dict:
+    """The recorded state, checked for its shape."""
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+        shape_ok = (
+            state.get("schema") == SCHEMA
+            and isinstance(state.get("run"), dict)
+            and isinstance(state.get("next_layer"), int)
+            and isinstance(state.get("layers"), dict)
+            and all(
+                isinstance(r, dict) and {"groups", "num_tokens", "saved"} <= r.keys() for r in state["layers"].values()
+            )
+        )
+    except (OSError, ValueError, AttributeError):
+        shape_ok = False
+    if not shape_ok:
+        raise _damaged(partial, f"{file} is not a readable moemerge state file ({SCHEMA})")
+    return state
+
+
+def _check_recorded_files(state: dict, partial: Path) -> None:
+    """Raise MoemergeError unless every file the state records as written is there (before any work)."""
+    done, folder = state["next_layer"], partial / STATE_DIR
+    needed = [folder / f"layer-{layer}.safetensors" for layer in state["layers"]]
+    if done:
+        needed += [folder / f"hidden-{done}.rank{r}.safetensors" for r in range(state["run"]["processes"])]
+    missing = [path for path in needed if not path.is_file()]
+    missing += [  # the shards of the finished decoder layers (named -of-TOTAL)
+        partial / f"model-{i:05d}-of-*.safetensors"
+        for i in range(1, done + 1)
+        if not any(partial.glob(f"model-{i:05d}-of-*.safetensors"))
+    ]
+    if missing:
+        raise _damaged(partial, f"{missing[0]} is missing")
+
+
+def _load(partial: Path, file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a recorded file of the unfinished run in ``partial``."""
+    try:
+        return load_file(file)
+    except (OSError, SafetensorError) as err:
+        raise _damaged(partial, f"{file} cannot be read ({err})") from None
+
+
+def _damaged(partial: Path, what: str) -> MoemergeError:
+    return MoemergeError(
+        f"--resume: the unfinished run in {partial} is damaged: {what}; rerun with --force instead of --resume "
+        "to start over"
+    )
