@@ -28,7 +28,7 @@ from moemerge.checkpoint import inspect_source
 from moemerge.checkpoint.identity import model_identity
 from moemerge.errors import MoemergeError
 from moemerge.grouping import SoftGroups
-from moemerge.grouping.groups import groups_problem
+from moemerge.grouping.groups import groups_problem, layers_problem
 from moemerge.input_files import check_regular_file
 from moemerge.output_files import check_output, write_json
 from moemerge.pipeline import (
@@ -148,16 +148,7 @@ def _recipe_problem(content: dict) -> str | None:
         return str(err)
     if not content["layers"]:
         return "it plans no layers"
-    seen = set()
-    for entry in content["layers"]:
-        layer = entry.get("layer") if isinstance(entry, dict) else None
-        if type(layer) is not int or layer < 0 or layer in seen:
-            return f"layer entry {str(entry)[:60]} has no layer number (a whole number >= 0) of its own"
-        seen.add(layer)
-        problem = groups_problem(entry.get("groups"), entry.get("memberships"))
-        if problem is not None:
-            return f"layer {layer}: {problem}"
-    return None
+    return layers_problem(content["layers"])
 
 
 def check_identity(planned: dict, found: dict, recipe: Path, model: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moemerge.checkpoint.writer import COPIED_FILES
 from moemerge.errors import MoemergeError
-from moemerge.grouping.groups import groups_problem
+from moemerge.grouping.groups import layers_problem
 from moemerge.input_files import file_kind
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -151,16 +151,7 @@ def _record_problem(record) -> str | None:
     layers = record.get("layers")
     if not isinstance(layers, list) or not layers:
         return "layers is not a non-empty list"
-    seen = set()
-    for entry in layers:
-        layer = entry.get("layer") if isinstance(entry, dict) else None
-        if type(layer) is not int or layer < 0 or layer in seen:
-            return f"layer entry {json.dumps(entry)[:60]} has no layer number of its own"
-        seen.add(layer)
-        problem = groups_problem(entry.get("groups"), entry.get("memberships"))
-        if problem is not None:
-            return f"layer {layer}: {problem}"
-    return None
+    return layers_problem(layers)
 
 
 def json_kind(value) -> str:

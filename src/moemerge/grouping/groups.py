@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 
@@ -42,6 +43,21 @@ class SoftGroups(list):
     def concat(cls, parts: list[SoftGroups]) -> SoftGroups:
         """The soft groups of several clustering problems (DeepSeek routing blocks) side by side."""
         return cls([g for p in parts for g in p], [u for p in parts for u in p.memberships])
+
+
+def layers_problem(layers: list) -> str | None:
+    """What is wrong with the per-layer entries of a recipe or ``moemerge.json`` (each an object with its own
+    ``layer`` number and its ``groups``, and ``memberships`` for soft groups), or None."""
+    seen = set()
+    for entry in layers:
+        layer = entry.get("layer") if isinstance(entry, dict) else None
+        if type(layer) is not int or layer < 0 or layer in seen:
+            return f"layer entry {json.dumps(entry)[:60]} has no layer number (a whole number >= 0) of its own"
+        seen.add(layer)
+        problem = groups_problem(entry.get("groups"), entry.get("memberships"))
+        if problem is not None:
+            return f"layer {layer}: {problem}"
+    return None
 
 
 def groups_problem(groups, memberships=None, n: int | None = None) -> str | None:
