@@ -342,3 +342,27 @@ def test_corrupt_gzip_is_a_clean_error(tmp_path, tokenizer):
     (tmp_path / "corpus.txt.gz").write_bytes(b"not gzip at all")
     with pytest.raises(MoemergeError, match="not a readable gzip file"):
         load_calibration(str(tmp_path / "corpus.txt.gz"), tokenizer, samples=1, seq_len=2)
+
+
+def test_a_repeated_calibration_is_the_tokenization_of_its_own_text_and_tokenizer(tmp_path, tokenizer):
+    """The last token stream is reused (``compare`` and repeated ``reduce`` calls calibrate on the same text):
+    every call must still give the windows of an independent tokenisation of *its* text with *its* tokenizer,
+    so a changed document, a tokenizer with one more token, or another end-of-text id is never served the
+    previous stream, and windows handed out are not views that a caller could change the stream through."""
+    spec = tmp_path / "docs.jsonl"
+    spec.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps({"text": d.replace("truth", "fact")}) + "\n" for d in DOCS))
+    grown = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    grown.add_tokens(["Netherfield"])
+    other_eos = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    other_eos.eos_token = other_eos.convert_ids_to_tokens(5)
+    assert other_eos.eos_token_id == 5 != tokenizer.eos_token_id
+    # each change follows a call that differs from it in that change only
+    calls = [(spec, tokenizer), (spec, tokenizer), (edited, tokenizer), (spec, tokenizer), (spec, grown)]
+    for path, tok in [*calls, (spec, tokenizer), (spec, other_eos)]:
+        docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+        got = load_calibration(str(path), tok, samples=3, seq_len=16, seed=1)
+        assert [s.tolist() for s in got.sequences] == spec_windows(stream_of(docs, tok), 3, 16, 1), (path, tok)
+        for s in got.sequences:
+            s.fill_(0)  # a caller's change to its windows must not reach the next call

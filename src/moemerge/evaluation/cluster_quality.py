@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial.distance import cdist, pdist
-from sklearn.metrics import silhouette_score
 
 
 def cluster_quality(features: np.ndarray, labels: np.ndarray) -> dict:
     """{"silhouette_euclidean", "silhouette_cosine", "dunn"} of ``labels`` [n] on ``features`` [n, d]."""
+    from sklearn.metrics import silhouette_score  # here, not above: scikit-learn adds 1-2 s to every command's start
+
     x, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
     clusters = np.unique(labels)
     defined = 2 <= len(clusters) <= len(x) - 1

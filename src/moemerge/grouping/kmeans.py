@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from moemerge.registry import check_choice
 
@@ -26,6 +25,8 @@ def kmeans_labels(
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
     if r == len(x):
         return np.arange(len(x))
+    from sklearn.cluster import KMeans  # here, not above: scikit-learn adds 1-2 s to every command's start
+
     start = x[:r] if init == "first" else init
     model = KMeans(n_clusters=r, init=start, n_init=1, random_state=seed).fit(x)
     return model.labels_
