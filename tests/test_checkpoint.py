@@ -31,7 +31,9 @@ PROMPT = torch.tensor([[11, 402, 97, 1500, 33, 7, 2048, 64, 5, 300]])
 
 
 def reduce_small(source: Path, out: Path, calibration, **options) -> moemerge.ReduceResult:
-    """moemerge.reduce with the module's small input_ids calibration and no progress bars."""
+    """moemerge.reduce with the module's small input_ids calibration, no progress bars and no report (the report
+    is test_report.py's, and byte-identical reruns are test_same_inputs_give_identical_files')."""
+    options = {"report": False} | options
     return moemerge.reduce(
         source, out, calib=str(calibration[0]), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN, progress=False, **options
     )

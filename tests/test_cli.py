@@ -59,7 +59,7 @@ def assert_clean_error(code: int, err: str, out_dir: Path) -> str:
 
 
 def reduce_args(model, out, *extra) -> list:
-    return ["reduce", model, "--out", out, *SMALL_CALIB, "--quiet", *extra]
+    return ["reduce", model, "--out", out, *SMALL_CALIB, "--quiet", "--no-report", *extra]  # reports: test_report.py
 
 
 # ---------------------------------------------------------------- bad input

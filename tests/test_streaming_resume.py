@@ -122,7 +122,7 @@ def test_resume_after_kill_9_is_byte_identical(tmp_path):
     rows = [torch.randint(1, 4096, (24,), generator=g).tolist() for _ in range(3)]
     calib.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
     argv = ["reduce", source, "--experts", "4", "--calib", calib, "--calib-samples", "3", "--calib-seq-len", "24"]
-    argv = [str(a) for a in [*argv, "--stream", "--quiet"]]
+    argv = [str(a) for a in [*argv, "--stream", "--quiet", "--no-report"]]  # resumed reports: the test above
     assert main([*argv, "--out", str(tmp_path / "clean")]) == 0
     expected = all_files(tmp_path / "clean")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the tests' own process (the bits depend on the thread count)
