@@ -172,6 +172,26 @@ def save_tiny(family: str, path: Path, seed: int = 0, tokenizer: bool = True, **
     return path
 
 
+# The test files that take longest (about 25-60 s each on 2 cores), run first: pytest-xdist hands out one file
+# at a time in collection order, so a long file collected last would leave the other worker idle at the end.
+LONGEST_FIRST = (
+    "test_benchmark_models.py",
+    "test_streaming_processes.py",
+    "test_streaming.py",
+    "test_streaming_resume.py",
+    "test_compare.py",
+    "test_evaluation.py",
+    "test_recipes.py",
+    "test_cli.py",
+    "test_zero_shot.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """The test models are tiny: one intra-op thread beats thread hand-offs, above all on a busy machine."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -176,12 +174,9 @@ def test_full_size_layouts_have_the_real_models_sizes(shape, parameters, expert_
     assert len(synthetic.shard_plan(layout)) == layers + 1
 
 
-def test_cli_refuses_a_non_empty_folder(tmp_path):
+def test_cli_refuses_a_non_empty_folder(tmp_path, capfd):
     (tmp_path / "keep.txt").write_text("x")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--shape", "mixtral-8x7b", "--layers", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    code = synthetic.main(["--shape", "mixtral-8x7b", "--layers", "1", "--out", str(tmp_path)])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
