@@ -358,9 +358,13 @@ def test_a_repeated_calibration_is_the_tokenization_of_its_own_text_and_tokenize
     other_eos = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     other_eos.eos_token = other_eos.convert_ids_to_tokens(5)
     assert other_eos.eos_token_id == 5 != tokenizer.eos_token_id
+    splitting = AutoTokenizer.from_pretrained(TOKENIZER_DIR, split_special_tokens=True)  # same tokenizer.json
+    special = tmp_path / "special.jsonl"  # the end-of-text marker as text: one token, or pieces when split
+    special.write_text("".join(json.dumps({"text": f"{d} {tokenizer.eos_token}"}) + "\n" for d in DOCS))
     # each change follows a call that differs from it in that change only
     calls = [(spec, tokenizer), (spec, tokenizer), (edited, tokenizer), (spec, tokenizer), (spec, grown)]
-    for path, tok in [*calls, (spec, tokenizer), (spec, other_eos)]:
+    calls += [(spec, tokenizer), (spec, other_eos), (special, tokenizer), (special, splitting)]
+    for path, tok in calls:
         docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
         got = load_calibration(str(path), tok, samples=3, seq_len=16, seed=1)
         assert [s.tolist() for s in got.sequences] == spec_windows(stream_of(docs, tok), 3, 16, 1), (path, tok)

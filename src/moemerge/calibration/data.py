@@ -198,6 +198,9 @@ def _token_rows(path: Path, rows: list[dict], samples: int, seq_len: int) -> lis
     return sequences
 
 
+_last_stream: list = [None, None]  # [key, stream] of the last tokenization
+
+
 def _token_stream(documents: list[str], tokenizer) -> torch.Tensor:
     """[L] token ids of all documents, separated by the end-of-text token where there is one (not to be modified:
     the last stream is kept, so that calibrating again on the same text and tokenizer, as ``compare``, ``eval``
@@ -217,17 +220,16 @@ def _token_stream(documents: list[str], tokenizer) -> torch.Tensor:
     return stream
 
 
-_last_stream: list = [None, None]  # [key, stream] of the last tokenization
-
-
 def _stream_key(documents: list[str], tokenizer) -> str | None:
     """sha256 of the documents and of everything that decides their tokens (the fast tokenizer's full
-    serialisation, its class and end-of-text id); None for a tokenizer without one, which is not cached."""
+    serialisation, whether it splits special tokens, its class and end-of-text id); None for a tokenizer without
+    one, which is not cached."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
+    settings = (type(tokenizer).__qualname__, tokenizer.eos_token_id, backend.encode_special_tokens)
     h = hashlib.sha256()
-    for part in (type(tokenizer).__qualname__, repr(tokenizer.eos_token_id), backend.to_str(), *documents):
+    for part in (repr(settings), backend.to_str(), *documents):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
