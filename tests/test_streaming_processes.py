@@ -27,15 +27,19 @@ for argv in json.loads(sys.argv[1]):
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(read)
-        code = main(argv)
-        peak = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
-        os.write(write, peak.encode())
-        os._exit(code)
+        code = 99  # the child never returns into this loop, whatever main does
+        try:
+            os.close(read)
+            code = main(argv)
+            peak = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
+            os.write(write, peak.encode())
+        finally:
+            os._exit(code)
     os.close(write)
     with os.fdopen(read) as f:
-        peaks.append(int(f.read()))
+        peak = f.read()
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, argv
+    peaks.append(int(peak))
 print(json.dumps(peaks))
 """
 
