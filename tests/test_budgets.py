@@ -34,14 +34,8 @@ from moemerge.statistics import collect_statistics
 
 N = NUM_EXPERTS
 SAMPLES, SEQ_LEN = 2, 32
-CALIB = [
-    "--calib-samples",
-    str(SAMPLES),
-    "--calib-seq-len",
-    str(SEQ_LEN),
-    "--quiet",
-    "--no-report",
-]  # reports: test_report.py
+# no report: the report's tests are in test_report.py
+CALIB = ["--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--quiet", "--no-report"]
 SOFTMAX = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # families whose routing allows per-layer counts; "deepseek_v3_flat" is the tiny DeepSeek-V3 with n_group = 1
 E2E = [*SOFTMAX, "deepseek_v3_flat"]

@@ -347,8 +347,9 @@ def test_corrupt_gzip_is_a_clean_error(tmp_path, tokenizer):
 def test_a_repeated_calibration_is_the_tokenization_of_its_own_text_and_tokenizer(tmp_path, tokenizer):
     """The last token stream is reused (``compare`` and repeated ``reduce`` calls calibrate on the same text):
     every call must still give the windows of an independent tokenisation of *its* text with *its* tokenizer,
-    so a changed document, a tokenizer with one more token, or another end-of-text id is never served the
-    previous stream, and windows handed out are not views that a caller could change the stream through."""
+    so a changed document, a tokenizer with one more token, another end-of-text id or special tokens split is
+    never served the previous stream, and windows handed out are not views that a caller could change the stream
+    through."""
     spec = tmp_path / "docs.jsonl"
     spec.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     edited = tmp_path / "edited.jsonl"

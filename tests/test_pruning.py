@@ -37,13 +37,8 @@ T = SAMPLES * SEQ_LEN
 SOFTMAX = [f for f in FAMILIES if f != "deepseek_v3"]
 BLOCKS = {"deepseek_v3": [[0, 1, 2, 3], [4, 5, 6, 7]]}  # DeepSeek's routing groups (n_group=2); others: one block
 SCORE_OF = {"f-prune": "counts", "s-prune": "prob_sum", "reap": "reap"}
-SMALL_CALIB = [
-    "--calib-samples",
-    str(SAMPLES),
-    "--calib-seq-len",
-    str(SEQ_LEN),
-    "--no-report",
-]  # reports: test_report.py
+# no report: the report's tests are in test_report.py
+SMALL_CALIB = ["--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-report"]
 
 
 def blocks_of(family: str) -> list[list[int]]:
