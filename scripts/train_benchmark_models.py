@@ -233,20 +233,17 @@ def card_figures(saved, streams: dict[str, torch.Tensor]) -> dict:
     """The card's measurements of the saved model on the validation ``streams`` ([L] ids per domain): perplexity
     per domain and expert usage on all of it, and the same two on the first ``CHECK_WINDOWS`` windows of each
     domain, which the test suite recomputes independently (the whole split would cost it a minute per model)."""
-    first = {d: s[: CHECK_WINDOWS * SEQ_LEN] for d, s in streams.items()}
-    return {
-        "validation_perplexity": {
-            d: round(perplexity(saved, windows(s, SEQ_LEN))["perplexity"], 3) for d, s in streams.items()
-        },
-        "expert_usage": expert_usage(saved, streams),
-        "check": {
-            "windows_per_domain": CHECK_WINDOWS,
+
+    def measured(part: dict[str, torch.Tensor]) -> dict:
+        return {
             "validation_perplexity": {
-                d: round(perplexity(saved, windows(s, SEQ_LEN))["perplexity"], 3) for d, s in first.items()
+                d: round(perplexity(saved, windows(s, SEQ_LEN))["perplexity"], 3) for d, s in part.items()
             },
-            "expert_usage": expert_usage(saved, first),
-        },
-    }
+            "expert_usage": expert_usage(saved, part),
+        }
+
+    first = {d: s[: CHECK_WINDOWS * SEQ_LEN] for d, s in streams.items()}
+    return measured(streams) | {"check": {"windows_per_domain": CHECK_WINDOWS, **measured(first)}}
 
 
 @torch.inference_mode()
