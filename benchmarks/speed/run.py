@@ -7,10 +7,11 @@ Usage: ``python benchmarks/speed/run.py [--work DIR] [--out DIR] [--skip-headlin
 In one run, so that the ratios compare numbers taken under the same load:
 
 1. **Statistics throughput.** One decoder layer of real shape (Qwen1.5-MoE-A2.7B: 60 experts of
-   2048 -> 1408, top-4; Mixtral-8x7B: 8 experts of 4096 -> 14336, top-2), random weights, in float32 and in
-   bfloat16. :meth:`moemerge.statistics.LayerAccumulator.sequence_sums` on ``TOKENS`` hidden states (every
-   expert on every token, plus REAP's down projection of the routed tokens), in GFLOP/s, against a dense
-   matmul of the same chunk shape ([chunk, H] x [H, n 2I]) in the same dtype and in float32.
+   2048 -> 1408, top-4; Mixtral-8x7B: 8 experts of 4096 -> 14336, top-2), random weights stored in bfloat16
+   (computed in the dtype :func:`moemerge.precision.compute_dtype` picks on this CPU, and in the other one for
+   comparison) and in float32. :meth:`moemerge.statistics.LayerAccumulator.sequence_sums` on ``TOKENS`` hidden
+   states (every expert on every token, plus REAP's down projection of the routed tokens), in GFLOP/s, against
+   a dense matmul of the same chunk shape ([chunk, H] x [H, n 2I]) in the compute dtype and in float32.
 2. **Memory against depth.** ``moemerge reduce --stream`` of Qwen-shaped checkpoints with 4 and 16 layers
    (vocabulary cut to 32,000, so that the embeddings do not hide the layers), peak RSS of each run and their
    ratio (target <= 1.2), and wall time per layer.
@@ -37,6 +38,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moemerge.adapters import family_for
+from moemerge.precision import compute_dtype, dtype_name, native_cpu_dtypes, to_compute
 from moemerge.statistics import LayerAccumulator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,9 +73,20 @@ def one_layer(shape: str, dtype: torch.dtype):
     return family_for(config.to_dict()).moe_layers(model)[0]
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it multiplies bfloat16 natively."""
+    names = [
+        line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
+    ]
+    native = "native bfloat16" if torch.bfloat16 in native_cpu_dtypes() else "no native bfloat16"
+    return f"{names[0] if names else platform.machine()} ({native})"
+
+
 @torch.inference_mode()
-def statistics_throughput(shape: str, dtype: torch.dtype) -> dict:
-    view = one_layer(shape, dtype)
+def statistics_throughput(shape: str, stored: torch.dtype, dtype: torch.dtype) -> dict:
+    """Throughput of the statistics of a layer whose weights are ``stored`` in one dtype, computed in ``dtype``."""
+    view = one_layer(shape, stored)
+    to_compute(view.block, dtype)
     n, two_i, hidden = view.block.experts.gate_up_proj.shape
     x = torch.randn(TOKENS, hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
     accumulator = LayerAccumulator(view, TOKENS)
@@ -82,7 +95,7 @@ def statistics_throughput(shape: str, dtype: torch.dtype) -> dict:
     flops = 2 * TOKENS * hidden * n * two_i + 2 * TOKENS * k * hidden * two_i // 2
     chunk = min(TOKENS, max(1, (128 << 20) // (n * two_i * 4)))
     dense = {}
-    for name, dt in (("same dtype", dtype), ("float32", torch.float32)):
+    for name, dt in (("compute dtype", dtype), ("float32", torch.float32)):
         a = torch.randn(chunk, hidden).to(dt)
         b = torch.randn(n * two_i, hidden).to(dt)
         dense[name] = 2 * chunk * hidden * n * two_i / best_seconds(lambda a=a, b=b: a @ b.T) / 1e9
@@ -90,13 +103,15 @@ def statistics_throughput(shape: str, dtype: torch.dtype) -> dict:
     gflops = flops / seconds / 1e9
     return {
         "shape": shape,
-        "dtype": str(dtype).removeprefix("torch."),
+        "stored": dtype_name(stored),
+        "computed": dtype_name(dtype),
+        "chosen": dtype == compute_dtype(stored, torch.device("cpu")),
         "tokens": TOKENS,
         "seconds": seconds,
         "gflops": gflops,
-        "dense_gflops_same_dtype": dense["same dtype"],
+        "dense_gflops_compute_dtype": dense["compute dtype"],
         "dense_gflops_float32": dense["float32"],
-        "ratio_to_dense_same_dtype": gflops / dense["same dtype"],
+        "ratio_to_dense_compute_dtype": gflops / dense["compute dtype"],
         "ratio_to_dense_float32": gflops / dense["float32"],
     }
 
@@ -176,13 +191,17 @@ def markdown(results: dict) -> str:
         "",
         f"## Statistics throughput ({TOKENS} tokens, every expert on every token)",
         "",
-        "| layer shape | weights | seconds | GFLOP/s | dense matmul, same dtype | ratio | dense fp32 | ratio to fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "The row marked * is what moemerge computes in on this CPU for such weights.",
+        "",
+        "| layer shape | stored | computed | seconds | GFLOP/s | dense matmul, compute dtype | ratio | dense fp32 | ratio to fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["throughput"]:
+        chosen = " *" if r["chosen"] else ""
         lines.append(
-            f"| {r['shape']} | {r['dtype']} | {r['seconds']:.2f} | {r['gflops']:.1f} | {r['dense_gflops_same_dtype']:.1f}"
-            f" | {r['ratio_to_dense_same_dtype']:.0%} | {r['dense_gflops_float32']:.1f} | {r['ratio_to_dense_float32']:.0%} |"
+            f"| {r['shape']} | {r['stored']} | {r['computed']}{chosen} | {r['seconds']:.2f} | {r['gflops']:.1f}"
+            f" | {r['dense_gflops_compute_dtype']:.1f} | {r['ratio_to_dense_compute_dtype']:.0%}"
+            f" | {r['dense_gflops_float32']:.1f} | {r['ratio_to_dense_float32']:.0%} |"
         )
     depth = results["depth"]
     lines += [
@@ -223,11 +242,15 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "throughput": [
-            statistics_throughput(shape, dtype)
+            statistics_throughput(shape, stored, dtype)
             for shape in ("qwen1.5-moe-a2.7b", "mixtral-8x7b")
-            for dtype in (torch.bfloat16, torch.float32)
+            for stored, dtype in (
+                (torch.bfloat16, torch.bfloat16),
+                (torch.bfloat16, torch.float32),
+                (torch.float32, torch.float32),
+            )
         ],
     }
     print(json.dumps(results["throughput"], indent=1), flush=True)

@@ -40,6 +40,7 @@ from moemerge.pipeline import (
     statistics_needs,
     target_experts,
 )
+from moemerge.precision import compute_in_fastest, to_compute, to_storage
 from moemerge.registry import check_choice, resolve
 from moemerge.routing.grouped import install_grouped_routers
 from moemerge.statistics import collect_statistics
@@ -144,6 +145,7 @@ def compare(
         for v in variants:
             check_budget(source.family, config, r, v.budget, router)
     loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+    stored = compute_in_fastest(loaded)
     with atomic_output(out, force) as tmp:
         layers = source.family.moe_layers(loaded)
         vocab = loaded.get_input_embeddings().num_embeddings
@@ -157,7 +159,7 @@ def compare(
         for r in experts:
             for variant in variants:
                 start = time.perf_counter()
-                reduced, groups = reduce_variant(loaded, source.family, config, stats, variant, r, router)
+                reduced, groups = reduce_variant(loaded, source.family, config, stats, variant, r, router, stored)
                 seconds = time.perf_counter() - start
                 result = measure(reduced, tokenizer, source.family, chunks, loaded, *evaluation, False)
                 counts = [len(groups[view.layer]) for view in layers]
@@ -174,17 +176,28 @@ def compare(
     return rows
 
 
-def reduce_variant(model, family, config, stats: dict, variant: Variant, r: int, router: str = "reduce"):
+def reduce_variant(
+    model, family, config, stats: dict, variant: Variant, r: int, router: str = "reduce", stored_dtypes=None
+):
     """(a reduced deep copy of ``model``, its groups): ``variant`` at ``r`` experts per layer (on average, for a
-    non-uniform budget) from the calibration statistics ``stats``, with the ``router`` mode installed."""
+    non-uniform budget) from the calibration statistics ``stats``, with the ``router`` mode installed.
+
+    ``stored_dtypes``: the dtypes the model's tensors are stored in, when it computes in another
+    (:func:`moemerge.precision.compute_in_fastest`): the reduced weights are rounded to them, as ``reduce`` writes
+    them, and the copy computes in the model's dtype again."""
+    compute = model.dtype
     reduced = copy.deepcopy(model)
     groups = plan_groups(
         stats, family, config, r, variant.method, router=router, options=variant.options, budget=variant.budget
     )
     originals = apply_groups(reduced, family, stats, groups, variant.merge, variant.router_rows, align=variant.align)
     layers = family.moe_layers(reduced)
+    if stored_dtypes:
+        to_storage(reduced, stored_dtypes)
     if variant.method in COMPRESSING_METHODS:
         compress_experts(layers, compression_rank(layers[0], None, DEFAULT_SPARSITY, None), DEFAULT_SPARSITY)
+    if stored_dtypes:
+        to_compute(reduced, compute)
     if router == "grouped":
         install_grouped_routers(layers, originals, groups, family.routing_rule(config).top_k)
     return reduced, groups

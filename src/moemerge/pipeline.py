@@ -55,7 +55,8 @@ from moemerge.methods import (
     method_options,
 )
 from moemerge.output_files import atomic_output, check_output
-from moemerge.progress import phase
+from moemerge.precision import compute_dtype, describe, dtype_name, model_dtype, to_compute, to_storage
+from moemerge.progress import log, phase
 from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
@@ -379,8 +380,9 @@ def compression_rank(view: MoELayerView, rank: int | None, sparsity: float, para
 @dataclass
 class Prepared:
     """Everything :func:`reduce` knows after calibration, before it groups experts: the checked options, the
-    source model and its identity (:func:`moemerge.checkpoint.identity.model_identity`), the loaded model and
-    its calibration statistics."""
+    source model and its identity (:func:`moemerge.checkpoint.identity.model_identity`), the loaded model (held in
+    ``compute_dtype``; ``stored_dtypes`` are its tensors' dtypes on disk, see :mod:`moemerge.precision`) and its
+    calibration statistics."""
 
     model_arg: str | Path
     options: dict
@@ -393,6 +395,8 @@ class Prepared:
     stats: dict[int, LayerStatistics]
     r: int
     rank: int | None
+    compute_dtype: torch.dtype
+    stored_dtypes: dict[str, torch.dtype]
     start: float
 
 
@@ -454,8 +458,7 @@ def prepare(
             f"--param-budget {param_budget} must be a fraction in (0, 1] of each merged matrix's size, and replaces "
             "--rank: give one of them"
         )
-    resolve_dtype(dtype)
-    resolve_device(device)
+    storage_option, dev = resolve_dtype(dtype), resolve_device(device)
     check_spec(calib)
     source = inspect_source(model, allow_pickle=allow_pickle)
     if out is not None:
@@ -468,14 +471,20 @@ def prepare(
     check_budget(source.family, config, r, budget, router)
     check_calibration_size(calib_samples, calib_seq_len, config.max_position_embeddings)
     identity = model_identity(source, config)
+    storage = model_dtype(config, storage_option)
+    compute = compute_dtype(storage, dev)
+    log.info(describe(storage, compute))
 
     if not load:
         calibration = load_calibration(
             calib, load_tokenizer(source), calib_samples, calib_seq_len, seed, config.get_text_config().vocab_size
         )
-        return Prepared(model, recorded, source, identity, config, None, calibration, [], {}, r, rank, start)
+        return Prepared(
+            model, recorded, source, identity, config, None, calibration, [], {}, r, rank, compute, {}, start
+        )
     with phase(f"loading {source.path}"):
         loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+        stored = to_compute(loaded, compute)
     vocab_size = loaded.get_input_embeddings().num_embeddings
     calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab_size)
     layers = source.family.moe_layers(loaded)
@@ -486,7 +495,9 @@ def prepare(
     needs = statistics_needs([(method, options, merge, router_rows)])
     with phase(f"statistics of {len(layers)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
         stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
-    return Prepared(model, recorded, source, identity, config, loaded, calibration, layers, stats, r, rank, start)
+    return Prepared(
+        model, recorded, source, identity, config, loaded, calibration, layers, stats, r, rank, compute, stored, start
+    )
 
 
 def plan(run: Prepared) -> dict[int, list[list[int]]]:
@@ -546,6 +557,7 @@ def write_reduced(
         originals = apply_groups(
             loaded, source.family, stats, groups, o["merge"], o["router_rows"], progress, o["align"]
         )
+        to_storage(loaded, run.stored_dtypes)
 
     stored_params = compression = None
     if method in COMPRESSING_METHODS:
@@ -556,7 +568,9 @@ def write_reduced(
 
     tensor_files = {LOWRANK_FILE: lowrank} if compression else {}
     if o["router"] == "grouped":
-        tensor_files[SIDECAR] = router_tensors(originals)
+        tensor_files[SIDECAR] = router_tensors(
+            {view.layer: stored_router(originals[view.layer], view) for view in layers}
+        )
     meta = reduction_metadata(run, groups, stats, compression)
     if is_writer():
         with atomic_output(out, force) as tmp:
@@ -590,6 +604,13 @@ def compression_record(run: Prepared, stored_params: int) -> dict:
         "stored_parameters": stored_params,
         "file": LOWRANK_FILE,
     }
+
+
+def stored_router(original: tuple[torch.Tensor, torch.Tensor | None], view: MoELayerView) -> tuple:
+    """An original router (weight, selection bias or None) in the dtypes of the view's router once it is back in
+    its storage dtypes (:func:`moemerge.precision.to_storage`)."""
+    weight, bias = original
+    return weight.to(view.router_weight.dtype), None if bias is None else bias.to(view.selection_bias.dtype)
 
 
 def router_tensors(originals: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
@@ -634,6 +655,7 @@ def reduction_metadata(
         "method": o["method"],
         "router": o["router"],
         "parameters": parameters,
+        "compute_dtype": dtype_name(run.compute_dtype),
         "source": {
             "path": str(run.model_arg),
             "model_type": run.config.model_type,

@@ -18,6 +18,7 @@ from moemerge.evaluation.cluster_quality import cluster_quality, group_labels
 from moemerge.evaluation.cost import bytes_on_disk, measure_in_fresh_process, parameter_counts
 from moemerge.evaluation.fidelity import fidelity
 from moemerge.evaluation.perplexity import perplexity, windows
+from moemerge.precision import compute_in_fastest
 from moemerge.statistics import collect_statistics
 
 
@@ -54,6 +55,7 @@ def evaluate(
         check_reference(source, reference_source)
     start = time.perf_counter()
     loaded = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    compute_in_fastest(loaded)
     tokenizer = load_tokenizer(source)
     text, seq_len, chunks = evaluation_windows(loaded, tokenizer, data, max_tokens, seq_len)
     result = {
@@ -64,6 +66,7 @@ def evaluate(
     original = None
     if reference_source is not None:
         original = load_model(reference, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        compute_in_fastest(original)
     result |= measure(loaded, tokenizer, source.family, chunks, original, tasks, limit, tasks_source, batch_size)
     if original is not None:
         quality = groups_quality(source.path, original, source.family, chunks, progress)

@@ -11,6 +11,7 @@ from moemerge.checkpoint import inspect_source, load_source
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.cost import parameter_counts
 from moemerge.output_files import atomic_output, check_output
+from moemerge.precision import compute_in_fastest
 from moemerge.progress import phase
 from moemerge.report.figures import usage_matrix
 from moemerge.report.page import write_report
@@ -72,6 +73,7 @@ def inspect(
     check_calibration_size(calib_samples, calib_seq_len, config.max_position_embeddings)
     with phase(f"loading {source.path}"):
         loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+        compute_in_fastest(loaded)
     layers = source.family.moe_layers(loaded)
     if not layers:
         raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to inspect")

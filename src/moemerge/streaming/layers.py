@@ -45,14 +45,6 @@ class SourceTensors:
         return tensors
 
 
-def model_dtype(config, dtype: torch.dtype | str) -> torch.dtype:
-    """The dtype ``from_pretrained(dtype=...)`` gives: the config's for "auto" (float32 if it names none)."""
-    if dtype != "auto":
-        return dtype
-    named = getattr(config, "dtype", None)
-    return getattr(torch, named) if isinstance(named, str) else named or torch.float32
-
-
 def skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The ``*ForCausalLM`` model of ``config`` with every weight on the meta device (no memory), in eval mode.
 

@@ -45,8 +45,10 @@ from moemerge.pipeline import (
     reduction_metadata,
     router_tensors,
     statistics_needs,
+    stored_router,
     write_reduce_report,
 )
+from moemerge.precision import dtype_name, model_dtype, to_compute, to_storage
 from moemerge.progress import phase
 from moemerge.statistics import LayerAccumulator, sequence_offsets
 from moemerge.streaming.layers import (
@@ -55,7 +57,6 @@ from moemerge.streaming.layers import (
     layer_tensors,
     load_layer,
     load_outside,
-    model_dtype,
     outside_tensors,
     run_layer,
     skeleton,
@@ -96,7 +97,7 @@ def reduce_streaming(
             "not keep; use --budget uniform, or drop --stream"
         )
     device = resolve_device(o["device"])
-    dtype = model_dtype(config, resolve_dtype(o["dtype"]))
+    dtype, compute = model_dtype(config, resolve_dtype(o["dtype"])), run.compute_dtype
     rank_id, world = rank_and_world()
     out = Path(out)
 
@@ -112,6 +113,7 @@ def reduce_streaming(
         "model": run.identity,
         "calibration": run.calibration.sha256(),
         "processes": world,
+        "compute_dtype": dtype_name(compute),
     }
     clear_stale(out)
     state = RunState.open(partial_dir(out), identity, resume, force)
@@ -126,10 +128,13 @@ def reduce_streaming(
 
     with phase(f"layer inputs of {len(mine)} calibration sequences"):
         load_outside(skel, source, dtype, only_input=True)
+        embeddings = skel.get_input_embeddings()
+        stored = to_compute(embeddings, compute)
         hidden, calls = {}, {}
         for s in mine:
             hidden[s], calls[s] = _to(layer_inputs(skel, sequences[s]), device)
-        unload(skel.get_input_embeddings())
+        to_storage(embeddings, stored)  # the skeleton keeps the storage dtype for _finish to load into
+        unload(embeddings)
     start = state.next_layer
     if start:
         hidden = {s: h.to(device) for s, h in state.load_hidden(start, rank_id).items()}
@@ -144,9 +149,11 @@ def reduce_streaming(
     with writing(out), phase(f"streaming {num_layers - start} of {num_layers} decoder layers"):
         for i in tqdm(range(start, num_layers), desc="layers", unit="layer", disable=not progress):
             layer = load_layer(skel, source, i, dtype).to(device)
+            stored = to_compute(layer, compute)
             view = views.get(i)
             if view is None:
                 hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                to_storage(layer, stored)
             else:
                 accumulator = LayerAccumulator(view, total, **needs)
                 handle = view.block.register_forward_pre_hook(accumulator.hook)
@@ -162,11 +169,15 @@ def reduce_streaming(
                     {i: stats}, family, config, run.r, o["method"], router=o["router"], options=method_options_of(o)
                 )[i]
                 router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
+                to_storage(layer, stored)
+                router = stored_router(router, view)
                 factors, saved = {}, 0
                 if o["method"] in COMPRESSING_METHODS:
                     factors, saved = compress_experts([view], run.rank, o["sparsity"])
-                if sequential:
+                if sequential:  # the next layer sees this one as it is stored
+                    to_compute(layer, compute)
                     outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                    to_storage(layer, stored)
                 hidden = outputs
                 if is_writer():
                     state.save_layer(i, groups, stats, router, factors, saved)
