@@ -419,7 +419,7 @@ def test_sharded_source_and_output(tmp_path, calibration, monkeypatch):
     model.save_pretrained(source, max_shard_size="300KB")
     source_shards = sorted(source.glob("model-*.safetensors"))
     assert len(source_shards) > 1
-    monkeypatch.setattr(writer, "MAX_SHARD_SIZE", "300KB")  # stands in for the 2 GB limit
+    monkeypatch.setattr(writer, "MAX_SHARD_SIZE", 300_000)  # bytes: stands in for the 2 GB limit
     out = tmp_path / "out"
     result = reduce_small(source, out, calibration, experts=R)
     shards = sorted(out.glob("model-*.safetensors"))

@@ -19,7 +19,7 @@ from conftest import TOKENIZER_DIR, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import moemerge
+from moemerge.pipeline import reduce_in_memory
 from moemerge.streaming import reduce_streaming
 
 DENSE = [1]  # decoder layer 1 of 3 has a plain MLP; layers 0 and 2 are MoE
@@ -61,7 +61,7 @@ def test_dense_layers_kept_moe_layers_reduced_logits_unchanged(source, tmp_path,
     included) is the source's bit for bit; each MoE layer holds 4 experts equal to the even originals and 4 router
     rows; plain from_pretrained gives the original's logits."""
     out = tmp_path / "out"
-    (reduce_streaming if stream else moemerge.reduce)(source, out, **OPTIONS)
+    (reduce_streaming if stream else reduce_in_memory)(source, out, **OPTIONS)
     config = AutoConfig.from_pretrained(out)
     assert config.mlp_only_layers == DENSE and config.num_experts == 4
     meta = json.loads((out / "moemerge.json").read_text(encoding="utf-8"))

@@ -440,14 +440,22 @@ def test_malicious_pickle_with_allow_pickle(tmp_path, capfd, src):
     assert not marker.exists()
 
 
-def test_any_exception_from_transformers_is_one_line(tmp_path, capfd, src, monkeypatch):
+@pytest.mark.parametrize("where", ["moemerge.checkpoint.source", "moemerge.streaming.layers"])
+def test_any_exception_from_transformers_is_one_line(tmp_path, capfd, src, monkeypatch, where):
+    """Whether transformers builds the whole model (plan) or the layer-by-layer skeleton (reduce)."""
+
     class Broken:
         @staticmethod
         def from_pretrained(*args, **kwargs):
             raise KeyError("a key transformers did not expect")
 
-    monkeypatch.setattr("moemerge.checkpoint.source.AutoModelForCausalLM", Broken)
-    assert "a key transformers did not expect" in reduce_error(src, tmp_path, capfd)
+        from_config = from_pretrained
+
+    monkeypatch.setattr(f"{where}.AutoModelForCausalLM", Broken)
+    command, out = ("plan", tmp_path / "out.json") if where.endswith("source") else ("reduce", tmp_path / "out")
+    code, _, err = run_cli([command, src, "--out", out, "--experts", "4", *SMALL, "--quiet"], capfd)
+    assert "a key transformers did not expect" in clean_error(code, err, out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_expert_count_mismatch_is_one_line(tmp_path, capfd, src):

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import moemerge
 from moemerge import precision
+from moemerge.pipeline import reduce_in_memory
 from moemerge.streaming import reduce_streaming
 
 SMALL = dict(experts=4, calib_samples=3, calib_seq_len=24, progress=False, report=False)
@@ -104,7 +105,7 @@ def test_bf16_source_on_a_cpu_without_bf16_is_its_float32_copy_reduced_and_round
     monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: frozenset({torch.float32}))
     source_dtypes = {name: t.dtype for name, t in tensors(bf16).items()}
     expected = {name: t.to(source_dtypes[name]) for name, t in tensors(tmp_path / "oracle").items()}
-    for name, reduce in (("memory", moemerge.reduce), ("stream", reduce_streaming)):
+    for name, reduce in (("memory", reduce_in_memory), ("stream", reduce_streaming)):
         with caplog.at_level(logging.INFO, logger="moemerge"):
             result = reduce(bf16, tmp_path / name, **SMALL, **options)
         assert "computing in float32, storing bfloat16" in caplog.text

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import moemerge
 from moemerge.adapters import family_for
 from moemerge.calibration import load_calibration
-from moemerge.pipeline import merge_layer, plan_groups
+from moemerge.pipeline import merge_layer, plan_groups, reduce_in_memory
 from moemerge.statistics import collect_statistics
 from moemerge.streaming import reduce_streaming
 
@@ -78,20 +78,16 @@ def test_streaming_equals_in_memory_with_tied_embeddings(tmp_path):
 
 
 def check_streaming_equals_in_memory(tmp_path: Path, source: Path, options: dict) -> None:
-    memory = moemerge.reduce(source, tmp_path / "memory", **SMALL, **options)
+    memory = reduce_in_memory(source, tmp_path / "memory", **SMALL, **options)
     streamed = reduce_streaming(source, tmp_path / "stream", **SMALL, **options)
     assert_same_model(tmp_path / "memory", tmp_path / "stream")
+    assert (tmp_path / "memory" / "model.safetensors").read_bytes() == (
+        tmp_path / "stream" / "model.safetensors"
+    ).read_bytes()
     assert (tmp_path / "stream" / "report" / "report.html").is_file() == options["report"]
     assert streamed.groups == memory.groups
     for field in ("num_experts", "experts", "params_before", "params_after", "stored_params", "calibration_tokens"):
         assert getattr(streamed, field) == getattr(memory, field), field
-    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
-    files = sorted({*index["weight_map"].values()})
-    layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
-    assert files == [f"model-{i:05d}-of-{layers + 1:05d}.safetensors" for i in range(1, layers + 2)]
-    tensors = model_tensors(tmp_path / "stream")
-    assert set(index["weight_map"]) == set(tensors)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     with torch.no_grad():
         a = moemerge.load_model(tmp_path / "memory")(PROMPT).logits
         b = moemerge.load_model(tmp_path / "stream")(PROMPT).logits
@@ -99,6 +95,32 @@ def check_streaming_equals_in_memory(tmp_path: Path, source: Path, options: dict
     if options.get("router") != "grouped":
         AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "src", "stream"]
+
+
+def test_output_above_the_shard_size_has_a_shard_per_layer(tmp_path, monkeypatch):
+    """Above the shard size (2 GB; 1 byte here) the streamed output keeps one shard per decoder layer plus one for
+    the rest, with an index (oracle: the shards' own headers) that vanilla transformers loads to the in-memory
+    output's weights."""
+    from moemerge.checkpoint import writer
+
+    source = save_tiny("mixtral", tmp_path / "src")
+    reduce_in_memory(source, tmp_path / "memory", **SMALL, report=False)
+    monkeypatch.setattr(writer, "MAX_SHARD_SIZE", 1)
+    reduce_streaming(source, tmp_path / "stream", **SMALL, report=False)
+    out = tmp_path / "stream"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+    files = [f"model-{i:05d}-of-{layers + 1:05d}.safetensors" for i in range(1, layers + 2)]
+    assert sorted({*index["weight_map"].values()}) == files and not (out / "model.safetensors").exists()
+    shards = {name: load_file(out / name) for name in files}
+    assert index["weight_map"] == {t: name for name, tensors in shards.items() for t in tensors}
+    tensors = {t: v for shard in shards.values() for t, v in shard.items()}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_parameters"] == sum(t.numel() for t in tensors.values())
+    assert_same_model(tmp_path / "memory", out)
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])

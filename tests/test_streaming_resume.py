@@ -15,8 +15,7 @@ from conftest import run_cli, save_tiny
 from test_streaming import SMALL, all_files
 
 from moemerge.cli import main
-from moemerge.streaming import reduce as streaming_reduce
-from moemerge.streaming import reduce_streaming
+from moemerge.streaming import driver, reduce_streaming
 from moemerge.streaming import state as streaming_state
 
 
@@ -37,7 +36,7 @@ def crash_at(monkeypatch, k: int) -> list[int]:
 
         return write
 
-    for module in (streaming_reduce, streaming_state):
+    for module in (driver, streaming_state):
         monkeypatch.setattr(module, "save_file", counting(module.save_file))
     monkeypatch.setattr(streaming_state, "write_json", counting(streaming_state.write_json))
     return calls
@@ -72,10 +71,10 @@ def test_resume_after_a_crash_at_every_write_is_byte_identical(tmp_path, monkeyp
 KILL_AFTER_NTH_WRITE = """
 import json, os, signal, sys
 from moemerge.cli import main
-from moemerge.streaming import reduce as streaming_reduce, state as streaming_state
+from moemerge.streaming import driver, state as streaming_state
 
 def child(out, module, name, n):
-    module = {"reduce": streaming_reduce, "state": streaming_state}[module]
+    module = {"reduce": driver, "state": streaming_state}[module]
     real, calls = getattr(module, name), [0]
     def write_then_die(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -153,9 +152,8 @@ def test_stream_errors_are_one_line(tmp_path, capfd, monkeypatch):
     base = ["reduce", source, "--experts", "4", "--calib-samples", "2", "--calib-seq-len", "16", "--quiet"]
     out = tmp_path / "out"
     cases = [
-        ([*base, "--out", out, "--sequential"], "add --stream"),
-        ([*base, "--out", out, "--resume"], "add --stream"),
-        ([*base, "--out", out, "--stream", "--budget", "frequency"], "--budget uniform"),
+        ([*base, "--out", out, "--sequential", "--budget", "frequency"], "drop --sequential"),
+        ([*base, "--out", out, "--resume", "--budget", "frequency"], "drop --resume"),
     ]
     for argv, needle in cases:
         code, _, err = run_cli(argv, capfd)

@@ -79,7 +79,7 @@ def test_load_converted_equals_from_pretrained(tmp_path, family, dtype):
     oracle = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(oracle.config, dtype=dtype)
-    internals.load_converted(model, load_file(source / "model.safetensors"), dtype)
+    assert internals.load_converted(model, load_file(source / "model.safetensors"), dtype) == []
     model.tie_weights()
     expected = dict(oracle.named_parameters())
     loaded = dict(model.named_parameters())
@@ -87,6 +87,21 @@ def test_load_converted_equals_from_pretrained(tmp_path, family, dtype):
     for name, p in loaded.items():
         assert p.dtype == expected[name].dtype, f"LoadStateDictConfig(dtype=): {name} is {p.dtype}"
         assert torch.equal(p, expected[name]), f"convert_and_load_state_dict_in_model: {name} differs"
+
+
+def test_load_converted_reports_tensors_of_another_shape(tmp_path):
+    """``convert_and_load_state_dict_in_model``'s ``loading_info.mismatched_keys``: weights of 8 experts loaded into
+    a model of 6 are named, with both shapes, and left unloaded."""
+    source = save_tiny("mixtral", tmp_path / "src", tokenizer=False)
+    config = AutoModelForCausalLM.from_pretrained(source).config
+    config.num_local_experts = 6
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    mismatched = internals.load_converted(model, load_file(source / "model.safetensors"), torch.float32)
+    names = {name for name, _, _ in mismatched}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and "model.layers.0.mlp.gate.weight" in names
+    for name, stored, built in mismatched:
+        assert stored[0] == 8 and built[0] == 6 and model.get_parameter(name).is_meta, name
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])

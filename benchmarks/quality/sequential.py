@@ -1,5 +1,5 @@
 """Statistics from the original model's hidden states (the paper) or from the already-reduced layers'
-(``reduce --stream --sequential``): which gives the better reduced model on the benchmark models?
+(``reduce --sequential``): which gives the better reduced model on the benchmark models?
 
 Usage: ``python benchmarks/quality/sequential.py [--out DIR]`` (default ``benchmarks/results/quality``; writes
 ``sequential.md`` and ``sequential.csv``). HC-SMoE defaults, ``CALIB_SAMPLES`` windows of the general
@@ -60,7 +60,7 @@ def run_model(name: str, work: Path, log) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "# Statistics from the original or the reduced model (`reduce --stream --sequential`)",
+        "# Statistics from the original or the reduced model (`reduce --sequential`)",
         "",
         f"`python benchmarks/quality/sequential.py`. HC-SMoE defaults, {CALIB_SAMPLES} x {quality.SEQ_LEN} general "
         "calibration tokens; mean = geometric mean of the five domains' test perplexity; L2 / cosine of the last "

@@ -12,12 +12,12 @@ In one run, so that the ratios compare numbers taken under the same load:
    comparison) and in float32. :meth:`moemerge.statistics.LayerAccumulator.sequence_sums` on ``TOKENS`` hidden
    states (every expert on every token, plus REAP's down projection of the routed tokens), in GFLOP/s, against
    a dense matmul of the same chunk shape ([chunk, H] x [H, n 2I]) in the compute dtype and in float32.
-2. **Memory against depth.** ``moemerge reduce --stream`` of Qwen-shaped checkpoints with 4 and 16 layers
+2. **Memory against depth.** ``moemerge reduce`` (the default command) of Qwen-shaped checkpoints with 4 and 16 layers
    (vocabulary cut to 32,000, so that the embeddings do not hide the layers), peak RSS of each run and their
    ratio (target <= 1.2), and wall time per layer.
 3. **Headline.** A Qwen1.5-MoE-shaped bfloat16 checkpoint of 24 layers, 60 experts + shared expert, hidden
    2048, full vocabulary (about 28.6 GB, more than this machine's 24 GiB of RAM), reduced to 30 experts per
-   layer with ``--stream`` on ``HEADLINE_SEQUENCES`` x ``HEADLINE_SEQ_LEN`` calibration tokens: time, peak RSS
+   layer on ``HEADLINE_SEQUENCES`` x ``HEADLINE_SEQ_LEN`` calibration tokens: time, peak RSS
    and output size.
 """
 
@@ -136,8 +136,8 @@ def calibration_rows(path: Path, sequences: int, seq_len: int) -> Path:
 
 
 def streamed_reduce(model: Path, out: Path, calib: Path, sequences: int, seq_len: int) -> dict:
-    """``moemerge reduce --stream`` to 30 experts in a fresh process: wall seconds and peak RSS."""
-    argv = ["reduce", str(model), "--experts", "30", "--stream", "--calib", str(calib), "--out", str(out)]
+    """``moemerge reduce`` to 30 experts in a fresh process: wall seconds and peak RSS."""
+    argv = ["reduce", str(model), "--experts", "30", "--calib", str(calib), "--out", str(out)]
     argv += ["--calib-samples", str(sequences), "--calib-seq-len", str(seq_len), "--no-report", "--quiet"]
     result = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True)
     if result.returncode:
@@ -185,7 +185,7 @@ def headline(work: Path) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [
-        "# Speed and memory of `moemerge reduce --stream`",
+        "# Speed and memory of `moemerge reduce`",
         "",
         f"`python benchmarks/speed/run.py` on {results['machine']}; every number below comes from one run.",
         "",
@@ -226,7 +226,7 @@ def markdown(results: dict) -> str:
             "## Headline: a checkpoint larger than RAM",
             "",
             f"Qwen1.5-MoE-A2.7B shape, {h['layers']} layers, bfloat16, **{h['checkpoint_gb']:.1f} GB** on disk, on a machine "
-            f"with {h['ram_gib']:.1f} GiB of RAM and 2 CPU cores: reduced from 60 to 30 experts per layer with `--stream` "
+            f"with {h['ram_gib']:.1f} GiB of RAM and 2 CPU cores: reduced from 60 to 30 experts per layer "
             f"on {h['calibration_tokens']:,} calibration tokens in **{h['seconds'] / 60:.1f} min** "
             f"({h['seconds_per_layer']:.0f} s per layer), peak RSS **{h['peak_rss_gib']:.2f} GiB**, output "
             f"{h['output_gb']:.1f} GB. (Writing the synthetic checkpoint took {h['checkpoint_write_seconds'] / 60:.1f} min.)",

@@ -6,9 +6,10 @@ Python API: :func:`reduce` (the ``moemerge reduce`` command), :func:`plan_recipe
 
 from moemerge.checkpoint import load_model
 from moemerge.errors import MoemergeError
-from moemerge.pipeline import ReduceResult, apply_groups, plan_groups, reduce
+from moemerge.pipeline import ReduceResult, apply_groups, plan_groups
 from moemerge.recipes import apply_recipe, plan_recipe
 from moemerge.report import inspect
+from moemerge.streaming import reduce
 
 __all__ = [
     "MoemergeError",

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, DISTANCES, KMEANS_INITS, LINKAGES, METRICS
-from moemerge.pipeline import DEFAULT_SPARSITY, ROUTER_MODES, reduce  # importing the pipeline registers every method
+from moemerge.pipeline import DEFAULT_SPARSITY, ROUTER_MODES  # importing the pipeline registers every method
 from moemerge.progress import show_phases
 from moemerge.registry import names
 from moemerge.signals import signal_of, signals_as_exceptions
+from moemerge.streaming import reduce
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,18 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream",
         action="store_true",
-        help="load, reduce and write one decoder layer at a time (memory of about one layer, for models larger "
-        "than RAM); same output as without it, in one shard per layer",
+        help="accepted and ignored: reduce always loads, reduces and writes one decoder layer at a time (memory of "
+        "about one layer), except pickle weights and a non-uniform --budget, which load the whole model",
     )
     p.add_argument(
         "--sequential",
         action="store_true",
-        help="with --stream: collect each layer's statistics from the already-reduced layers' hidden states "
-        "(default: the original model's, as the paper)",
+        help="collect each layer's statistics from the already-reduced layers' hidden states (default: the "
+        "original model's, as the paper)",
     )
-    p.add_argument(
-        "--resume", action="store_true", help="with --stream: continue an interrupted run from its last finished layer"
-    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     _pickle_option(p)
     _device_options(p)
@@ -259,9 +258,6 @@ def _reduce(args: argparse.Namespace) -> None:
     from moemerge.checkpoint.source import resolve_device
     from moemerge.distributed import init_from_environment, is_writer
 
-    for flag in ("sequential", "resume"):
-        if getattr(args, flag) and not args.stream:
-            raise MoemergeError(f"--{flag} works layer by layer: add --stream")
     init_from_environment(resolve_device(args.device))
     common = dict(
         force=args.force,
@@ -270,12 +266,7 @@ def _reduce(args: argparse.Namespace) -> None:
         report=not args.no_report,
         **_reduction_kwargs(args),
     )
-    if args.stream:
-        from moemerge.streaming import reduce_streaming
-
-        result = reduce_streaming(args.model, args.out, sequential=args.sequential, resume=args.resume, **common)
-    else:
-        result = reduce(args.model, args.out, **common)
+    result = reduce(args.model, args.out, sequential=args.sequential, resume=args.resume, **common)
     if is_writer():
         _print_reduced(result, args)
 

@@ -1,8 +1,8 @@
-"""``reduce``: the whole HC-SMoE pipeline, calibration -> statistics -> grouping -> merging -> routing -> checkpoint.
+"""The whole HC-SMoE pipeline on a model in memory, calibration -> statistics -> grouping -> merging -> routing ->
+checkpoint (:func:`reduce_in_memory`); ``moemerge reduce`` runs it one layer at a time (:mod:`moemerge.streaming`).
 
 The steps are public functions too (:func:`prepare`, :func:`plan`, :func:`write_reduced`, which recipes reuse;
-:func:`plan_groups`, :func:`apply_groups`) so that a loaded
-model can be reduced in memory, e.g. in tests.
+:func:`plan_groups`, :func:`apply_groups`) so that a loaded model can be reduced in memory, e.g. in tests.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ NOT_OPTIONS = ("model", "out", "force", "allow_pickle", "progress", "load")  # p
 
 @dataclass
 class ReduceResult:
-    """What :func:`reduce` did: where, which groups per decoder layer, and the size change.
+    """What :func:`reduce_in_memory` did: where, which groups per decoder layer, and the size change.
 
     stored_params: for mc-smoe, the parameters if the compressed experts are kept as their
     low-rank and sparse factors (params_after counts them as the dense matrices written).
@@ -233,7 +233,7 @@ def apply_groups(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router.
 
-    ``router_rows_rule`` defaults to "frequency" here because "lse" (the default of :func:`reduce`)
+    ``router_rows_rule`` defaults to "frequency" here because "lse" (the default of :func:`reduce_in_memory`)
     needs statistics collected with ``router_sample > 0``, as do the merges fix-dom and zipit.
     ``align``: permute every member of a group to match its dominant member before merging (see
     :mod:`moemerge.merging.alignment`). Layers may have different group counts (``budget``); the
@@ -379,7 +379,7 @@ def compression_rank(view: MoELayerView, rank: int | None, sparsity: float, para
 
 @dataclass
 class Prepared:
-    """Everything :func:`reduce` knows after calibration, before it groups experts: the checked options, the
+    """Everything :func:`reduce_in_memory` knows after calibration, before it groups experts: the checked options, the
     source model and its identity (:func:`moemerge.checkpoint.identity.model_identity`), the loaded model (held in
     ``compute_dtype``; ``stored_dtypes`` are its tensors' dtypes on disk, see :mod:`moemerge.precision`) and its
     calibration statistics."""
@@ -434,7 +434,7 @@ def prepare(
 ) -> Prepared:
     """Check every option (and ``out``, unless None), load the model and collect its calibration statistics.
 
-    The keyword arguments are :func:`reduce`'s; they are kept (without force, allow_pickle, progress, load) as
+    The keyword arguments are :func:`reduce_in_memory`'s; they are kept (without force, allow_pickle, progress, load) as
     ``Prepared.options``, which is what a recipe records. ``load=False`` stops after the checks and the
     calibration tokens (``loaded`` None, no layers or statistics, ``rank`` unresolved): the streaming path
     loads one layer at a time itself.
@@ -501,7 +501,7 @@ def prepare(
 
 
 def plan(run: Prepared) -> dict[int, list[list[int]]]:
-    """The groups per decoder layer that :func:`reduce` would use for a prepared run."""
+    """The groups per decoder layer that :func:`reduce_in_memory` would use for a prepared run."""
     o = run.options
     with phase(f"grouping ({o['method']})"):
         return plan_groups(
@@ -521,10 +521,11 @@ def method_options_of(options: dict) -> MethodOptions:
     return MethodOptions(**{f.name: options[f.name] for f in fields(MethodOptions)})
 
 
-def reduce(
+def reduce_in_memory(
     model: str | Path, out: str | Path, *, force: bool = False, progress: bool = True, report: bool = True, **options
 ) -> ReduceResult:
-    """Reduce every MoE layer of the model in directory ``model`` to r experts and write it to ``out``.
+    """Reduce every MoE layer of the model in directory ``model``, loaded whole, to r experts and write it to
+    ``out`` (what :func:`moemerge.streaming.reduce` does for pickle weights and non-uniform budgets).
 
     Give ``experts`` (r) or ``ratio`` (fraction kept); with a non-uniform ``budget`` r is the average
     over layers and the output needs :func:`moemerge.load_model` (a standard config holds one count).

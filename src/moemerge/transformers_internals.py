@@ -13,7 +13,8 @@ API moved. The rest of moemerge uses transformers' public API only.
   ``transformers.core_model_loading.convert_and_load_state_dict_in_model`` / ``revert_weight_conversion`` and
   ``transformers.modeling_utils.LoadStateDictConfig``: the on-disk <-> in-memory tensor conversions
   (per-expert tensors fused into ``gate_up_proj`` / ``down_proj``, renamed modules) that ``from_pretrained``
-  and ``save_pretrained`` apply, used here one decoder layer at a time.
+  and ``save_pretrained`` apply, used here one decoder layer at a time (with the loading info's
+  ``mismatched_keys``: tensors whose shape differs from the model's).
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def subclass_with_init(base: type, init) -> type:
     return type(base.__name__, (base,), {"__init__": init, "__module__": base.__module__})
 
 
-def load_converted(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+def load_converted(
+    model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> list[tuple[str, list[int], list[int]]]:
     """Load on-disk ``tensors`` (names and layout as in the safetensors files) into ``model`` as
     ``from_pretrained`` would, converting them to the in-memory layout and ``dtype`` (tensors transformers keeps in
-    float32 stay so)."""
+    float32 stay so). Returns the tensors left unloaded because their shape differs from the model's:
+    (in-memory name, shape in ``tensors``, shape in ``model``), sorted."""
     config = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model))
-    convert_and_load_state_dict_in_model(model, tensors, config)
+    info, _ = convert_and_load_state_dict_in_model(model, tensors, config)
+    return sorted((name, list(stored), list(built)) for name, stored, built in info.mismatched_keys)
 
 
 def to_disk_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

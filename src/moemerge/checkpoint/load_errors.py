@@ -52,15 +52,19 @@ def transformers_call(what: str, load: Callable[[], T], fix: str = "") -> T:
     return result
 
 
+def size_mismatch(key: str, stored: str, built: str) -> str:
+    """The reason a tensor ``key`` of shape ``stored`` in the weights cannot go where the config builds ``built``."""
+    return (
+        f"the weights do not fit config.json: {key} is {stored} in the weights but {built} by the config "
+        "(an expert count or size in config.json differs from the weights); fix config.json"
+    )
+
+
 def _reason(err: Exception, records: list[logging.LogRecord]) -> str:
     """The first size mismatch of a held load report, else the exception's message, as one short line."""
     for record in records:
         match = _MISMATCH.search(record.getMessage())
         if match:
-            key, stored, built = match.groups()
-            return (
-                f"the weights do not fit config.json: {key} is {stored} in the weights but {built} by the config "
-                "(an expert count or size in config.json differs from the weights); fix config.json"
-            )
+            return size_mismatch(*match.groups())
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from moemerge.errors import MoemergeError
 
-MAX_SHARD_SIZE = "2GB"
+MAX_SHARD_SIZE = 2 * 10**9  # bytes ("2GB" to transformers): larger outputs are sharded
 COPIED_FILES = (
     "tokenizer*",
     "special_tokens_map.json",

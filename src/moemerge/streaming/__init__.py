@@ -1,5 +1,6 @@
-"""Layer-by-layer reduction of models larger than memory, resumable after interruption (``reduce --stream``)."""
+"""Layer-by-layer reduction, memory of about one decoder layer whatever the depth, resumable after interruption
+(``moemerge reduce``)."""
 
-from moemerge.streaming.reduce import reduce_streaming
+from moemerge.streaming.driver import reduce, reduce_streaming
 
-__all__ = ["reduce_streaming"]
+__all__ = ["reduce", "reduce_streaming"]

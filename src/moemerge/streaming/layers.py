@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from moemerge.checkpoint.load_errors import size_mismatch, transformers_call
 from moemerge.errors import MoemergeError
 from moemerge.heap import trim_heap
 from moemerge.transformers_internals import load_converted, to_disk_layout
@@ -51,7 +52,10 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
     Buffers outside the decoder layers (the rotary embedding's frequencies) are computed for real.
     """
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = transformers_call(
+            "transformers could not build the model of this config.json",
+            lambda: AutoModelForCausalLM.from_config(config, dtype=dtype),
+        )
     for name, module in model.model.named_children():
         if any(b.is_meta for b in module.buffers(recurse=False)) and not list(module.parameters()):
             setattr(model.model, name, type(module)(config=model.config))
@@ -75,7 +79,11 @@ def load_into(
     """Load on-disk ``tensors`` into ``model`` as from_pretrained would; every parameter whose name ``filled``
     accepts must then be real."""
     with _quiet_transformers():
-        load_converted(model, tensors, dtype)
+        mismatched = transformers_call(
+            "transformers could not load the weights", lambda: load_converted(model, tensors, dtype)
+        )
+    if mismatched:
+        raise MoemergeError(size_mismatch(*mismatched[0]))
     model.tie_weights()  # loading replaced the input embeddings' parameter, which a tied head shared
     missing = [name for name, p in model.named_parameters() if filled(name) and p.is_meta]
     if missing:

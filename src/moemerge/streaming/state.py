@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moemerge.distributed import on_writer
+from moemerge.distributed import is_writer, on_writer
 from moemerge.errors import MoemergeError
 from moemerge.grouping import SoftGroups
 from moemerge.output_files import write_json
@@ -124,6 +126,23 @@ class RunState:
             factors |= {name[len("factors.") :]: t for name, t in tensors.items() if name.startswith("factors.")}
             saved += record["saved"]
         return groups, stats, routers, factors, saved
+
+    @contextmanager
+    def errors_say_what_stays(self) -> Iterator[None]:
+        """A MoemergeError of the run (bad input found in a layer, disk full) leaves nothing when no layer was
+        finished (the partial folder is removed); else it keeps the finished layers and says so, for --resume."""
+        try:
+            yield
+        except MoemergeError as err:
+            if not is_writer() or not self.partial.exists():
+                raise
+            if self.next_layer == 0:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                raise
+            raise MoemergeError(
+                f"{err}; the {self.next_layer} finished decoder layers stay in {self.partial}: once this is fixed, "
+                "rerun with --resume to continue from there"
+            ) from None
 
     def discard(self) -> None:
         """Remove the state folder (the partial output is complete)."""

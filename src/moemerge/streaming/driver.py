@@ -1,0 +1,342 @@
+"""``moemerge reduce``: reduce a model one decoder layer at a time, never holding all of it.
+
+For each decoder layer in turn: read its tensors from the memory-mapped shards, run the calibration hidden
+states through it with the statistics hook on its MoE block, group and merge its experts, write its final
+shard, and free it. Peak memory is about one layer plus the calibration hidden states, whatever the depth.
+
+The statistics of layer l come, as in the paper, from the original model's hidden states (the original
+layer l's output is carried on), or with ``sequential`` from the already-reduced layers' (the reduced
+layer l's output is carried on, so each layer's merge sees the errors of the ones before it).
+Groups and weights equal the in-memory :func:`moemerge.reduce`'s bit for bit (same calibration forward,
+same statistics, same merge). An output up to the shard size (2 GB) is one ``model.safetensors``, byte-identical
+to the in-memory one; a larger one has a shard per decoder layer, then one for the embeddings, final norm and head.
+
+:func:`reduce` is the ``reduce`` command: this path, or the whole model in memory
+(:func:`moemerge.pipeline.reduce_in_memory`) where a layer cannot be read alone (pickle weights) or a
+non-uniform ``--budget`` needs every layer's statistics first.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from moemerge.checkpoint import writer
+from moemerge.checkpoint.model_files import DTYPE_BITS
+from moemerge.checkpoint.source import inspect_source, resolve_device, resolve_dtype
+from moemerge.checkpoint.writer import write_extras
+from moemerge.distributed import barrier, is_writer, my_share, rank_and_world
+from moemerge.errors import MoemergeError
+from moemerge.methods import COMPRESSING_METHODS
+from moemerge.output_files import clear_stale, publish, writing
+from moemerge.pipeline import (
+    LOWRANK_FILE,
+    SIDECAR,
+    ReduceResult,
+    compress_experts,
+    compression_rank,
+    compression_record,
+    merge_layer,
+    method_options_of,
+    plan_groups,
+    prepare,
+    reduce_in_memory,
+    reduction_metadata,
+    router_tensors,
+    statistics_needs,
+    stored_router,
+    write_reduce_report,
+)
+from moemerge.precision import dtype_name, model_dtype, to_compute, to_storage
+from moemerge.progress import log, phase
+from moemerge.statistics import LayerAccumulator, sequence_offsets
+from moemerge.streaming.layers import (
+    SourceTensors,
+    layer_inputs,
+    layer_tensors,
+    load_layer,
+    load_outside,
+    outside_tensors,
+    run_layer,
+    skeleton,
+    unload,
+)
+from moemerge.streaming.state import RunState, partial_dir
+
+
+def reduce(
+    model: str | Path,
+    out: str | Path,
+    *,
+    sequential: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    **options,
+) -> ReduceResult:
+    """Reduce every MoE layer of the model in directory ``model`` to r experts and write it to ``out``.
+
+    One decoder layer at a time (:func:`reduce_streaming`: memory of about one layer, whatever the depth), except
+    for pickle weights, which cannot be read one layer at a time, and a non-uniform ``budget``: those load the
+    whole model (:func:`moemerge.pipeline.reduce_in_memory`) and the phase log says why. Give ``experts`` (r) or
+    ``ratio`` (fraction kept); the other options are :func:`moemerge.pipeline.prepare`'s (see ``moemerge reduce
+    --help``). All input is checked before any work, and ``out`` appears only when complete. ``report``: also
+    write ``out/report/`` (see :func:`moemerge.report.write_report`).
+    """
+    whole = None
+    if options.get("budget", "uniform") != "uniform":
+        whole = f"--budget {options['budget']} needs every layer's statistics before the first merge"
+    elif inspect_source(model, allow_pickle=allow_pickle).uses_pickle:
+        whole = f"{model} holds pickle weights, which cannot be read one layer at a time"
+    if whole is None:
+        return reduce_streaming(
+            model,
+            out,
+            sequential=sequential,
+            resume=resume,
+            force=force,
+            allow_pickle=allow_pickle,
+            progress=progress,
+            report=report,
+            **options,
+        )
+    if sequential or resume:
+        flag = "--sequential" if sequential else "--resume"
+        raise MoemergeError(f"{flag} works one decoder layer at a time, but {whole}; drop {flag}")
+    log.info("%s: loading the whole model", whole)
+    return reduce_in_memory(
+        model, out, force=force, allow_pickle=allow_pickle, progress=progress, report=report, **options
+    )
+
+
+@torch.no_grad()
+def reduce_streaming(
+    model: str | Path,
+    out: str | Path,
+    *,
+    sequential: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    **options,
+) -> ReduceResult:
+    """Reduce the model in directory ``model`` layer by layer into ``out`` (see the module docstring).
+
+    ``options`` are :func:`moemerge.pipeline.prepare`'s; ``--budget`` must be uniform (a non-uniform budget
+    needs every layer's statistics before the first merge). ``resume``: continue the unfinished run of this
+    ``out`` (same model and options) from its last finished layer; the result is byte-identical to an
+    uninterrupted run's.
+    """
+    run = prepare(model, out, force=force, progress=progress, load=False, **options)
+    o, family, config = run.options, run.source.family, run.config
+    if run.source.uses_pickle:
+        raise MoemergeError(
+            f"streaming reads safetensors shards, and {run.source.path} holds pickle weights; convert them to "
+            "safetensors"
+        )
+    if o["budget"] != "uniform":
+        raise MoemergeError(
+            f"--budget {o['budget']} needs every layer's statistics before the first merge, which streaming does "
+            "not keep; use --budget uniform"
+        )
+    device = resolve_device(o["device"])
+    dtype, compute = model_dtype(config, resolve_dtype(o["dtype"])), run.compute_dtype
+    rank_id, world = rank_and_world()
+    out = Path(out)
+
+    skel = skeleton(copy.deepcopy(config), dtype)
+    views = {view.layer: view for view in family.moe_layers(skel)}
+    if not views:
+        raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
+    if o["method"] in COMPRESSING_METHODS:
+        run.rank = compression_rank(next(iter(views.values())), o["rank"], o["sparsity"], o["param_budget"])
+    identity = {
+        "options": o,
+        "sequential": sequential,
+        "model": run.identity,
+        "calibration": run.calibration.sha256(),
+        "processes": world,
+        "compute_dtype": dtype_name(compute),
+    }
+    clear_stale(out)
+    state = RunState.open(partial_dir(out), identity, resume, force)
+    with state.errors_say_what_stays():
+        if report:
+            from moemerge.report import architecture
+
+            original = architecture(str(run.model_arg), skel, family, config)
+        params_before = sum(p.numel() for p in skel.parameters())
+        source = SourceTensors(run.source.weight_files)
+        sequences = run.calibration.sequences
+        mine, offsets = my_share(len(sequences)), sequence_offsets(sequences)
+
+        with phase(f"layer inputs of {len(mine)} calibration sequences"):
+            load_outside(skel, source, dtype, only_input=True)
+            embeddings = skel.get_input_embeddings()
+            stored = to_compute(embeddings, compute)
+            hidden, calls = {}, {}
+            for s in mine:
+                hidden[s], calls[s] = _to(layer_inputs(skel, sequences[s]), device)
+            to_storage(embeddings, stored)  # the skeleton keeps the storage dtype for _finish to load into
+            unload(embeddings)
+        start = state.next_layer
+        if start:
+            hidden = {s: h.to(device) for s, h in state.load_hidden(start, rank_id).items()}
+            for layer in range(start):
+                if layer in views:
+                    views[layer].keep_first(len(state.state["layers"][str(layer)]["groups"]))  # shapes only (meta)
+
+        needs = statistics_needs([(o["method"], method_options_of(o), o["merge"], o["router_rows"])])
+        total = run.calibration.num_tokens
+        num_layers = config.num_hidden_layers
+        shards = num_layers + 1
+        with writing(out), phase(f"streaming {num_layers - start} of {num_layers} decoder layers"):
+            for i in tqdm(range(start, num_layers), desc="layers", unit="layer", disable=not progress):
+                layer = load_layer(skel, source, i, dtype).to(device)
+                stored = to_compute(layer, compute)
+                view = views.get(i)
+                if view is None:
+                    hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                    to_storage(layer, stored)
+                else:
+                    accumulator = LayerAccumulator(view, total, **needs)
+                    handle = view.block.register_forward_pre_hook(accumulator.hook)
+                    outputs = {}
+                    try:
+                        for s in mine:
+                            accumulator.seen = offsets[s]
+                            outputs[s] = run_layer(layer, hidden[s], calls[s][i])
+                    finally:
+                        handle.remove()
+                    stats = accumulator.result()
+                    groups = plan_groups(
+                        {i: stats}, family, config, run.r, o["method"], router=o["router"], options=method_options_of(o)
+                    )[i]
+                    router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
+                    to_storage(layer, stored)
+                    router = stored_router(router, view)
+                    factors, saved = {}, 0
+                    if o["method"] in COMPRESSING_METHODS:
+                        factors, saved = compress_experts([view], run.rank, o["sparsity"])
+                    if sequential:  # the next layer sees this one as it is stored
+                        to_compute(layer, compute)
+                        outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                        to_storage(layer, stored)
+                    hidden = outputs
+                    if is_writer():
+                        state.save_layer(i, groups, stats, router, factors, saved)
+                if is_writer():
+                    save_file(layer_tensors(skel, i), state.partial / _shard(i + 1, shards), metadata={"format": "pt"})
+                state.save_hidden(i + 1, rank_id, hidden)
+                barrier()
+                if is_writer():
+                    state.advance(i + 1)
+                barrier()
+                unload(layer)
+
+        if is_writer():
+            with writing(out), phase(f"writing {out}"):
+                groups, stats = _finish(run, state, skel, source, dtype, views, shards)
+                if report:
+                    write_reduce_report(state.partial, run, original, groups, stats, progress)
+                state.discard()
+                publish(state.partial, out.absolute(), force)
+    barrier()
+    skel.tie_weights()  # moving the embeddings to meta untied a tied output head; count it once
+    meta = _read_json(out / "moemerge.json")
+    groups = {int(entry["layer"]): entry["groups"] for entry in meta["layers"]}
+    return ReduceResult(
+        out=out,
+        groups=groups,
+        num_experts=family.num_experts(config),
+        experts=run.r,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in skel.parameters()),
+        bytes_before=sum(f.stat().st_size for f in run.source.weight_files),
+        bytes_after=sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        calibration_tokens=total,
+        seconds=time.perf_counter() - run.start,
+        stored_params=meta.get("compression", {}).get("stored_parameters"),
+    )
+
+
+def _finish(run, state: RunState, skel, source: SourceTensors, dtype, views, shards: int) -> tuple[dict, dict]:
+    """Write the last shard, the index, config, tokenizer files and ``moemerge.json`` into the partial output;
+    returns the groups and statistics of every MoE layer."""
+    o, family = run.options, run.source.family
+    groups, stats, routers, factors, saved = state.finished_layers(family.routing_rule(run.config), sorted(views))
+    load_outside(skel, source, dtype)
+    family.set_num_experts(skel, run.r)
+    save_file(outside_tensors(skel), state.partial / _shard(shards, shards), metadata={"format": "pt"})
+    unload(skel)
+    skel.tie_weights()
+    _write_weight_files(state.partial, shards)
+    skel.config.architectures = [type(skel).__name__]
+    skel.config.save_pretrained(state.partial)
+    if skel.can_generate() and skel.generation_config is not None:
+        skel.generation_config.save_pretrained(state.partial)
+    compression = None
+    if o["method"] in COMPRESSING_METHODS:
+        compression = compression_record(run, sum(p.numel() for p in skel.parameters()) - saved)
+    tensor_files = {LOWRANK_FILE: factors} if compression else {}
+    if o["router"] == "grouped":
+        tensor_files[SIDECAR] = router_tensors(routers)
+    write_extras(run.source.path, state.partial, reduction_metadata(run, groups, stats, compression), tensor_files)
+    return groups, stats
+
+
+def _shard(number: int, total: int) -> str:
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+def _write_weight_files(folder: Path, shards: int) -> None:
+    """Up to MAX_SHARD_SIZE in all, join the per-layer shards into one ``model.safetensors`` (what
+    ``save_pretrained`` writes); above, write ``model.safetensors.index.json`` as transformers does."""
+    files = [folder / _shard(number, shards) for number in range(1, shards + 1)]
+    weight_map, size, params = {}, 0, 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                tensor = f.get_slice(name)
+                weight_map[name] = file.name
+                params += math.prod(tensor.get_shape())
+                size += math.prod(tensor.get_shape()) * DTYPE_BITS[tensor.get_dtype()] // 8
+    if size <= writer.MAX_SHARD_SIZE:
+        tensors = {}
+        for file in files:
+            tensors |= load_file(file)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        for file in files:
+            file.unlink()
+        return
+    index = {
+        "metadata": {"total_parameters": params, "total_size": size},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _to(obj, device: torch.device):
+    """``obj`` (tensors in tuples, lists and dicts) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
