@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from moemerge import output_files, pipeline
 from moemerge.checkpoint import writer
 from moemerge.streaming import driver
+from moemerge.streaming.state import RunState
 
 SMALL = ["--calib-samples", "2", "--calib-seq-len", "16", "--quiet"]
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 40
@@ -546,16 +547,19 @@ def test_temporaries_left_by_sigkill_are_removed_by_the_next_run(capfd, src, rec
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, src, calib) -> tuple[Path, list]:
-    """The partial folder of a streamed run stopped after its last layer, before the output was assembled, and
-    the run's arguments (without --out)."""
+    """The partial folder of a reduce run stopped after its first of two layers (so that resuming needs every kind
+    of recorded file), and the run's arguments (without --out)."""
     root = tmp_path_factory.mktemp("interrupted")
-    argv = ["reduce", src, "--experts", "4", "--stream", "--calib", calib, "--no-report", *SMALL]
+    argv = ["reduce", src, "--experts", "4", "--calib", calib, "--no-report", *SMALL]
+    advance = RunState.advance
 
-    def stop(*args, **kwargs):
-        raise KeyboardInterrupt
+    def stop_after_the_first_layer(state, next_layer):
+        advance(state, next_layer)
+        if next_layer == 1:
+            raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(driver, "_finish", stop)
+        m.setattr(RunState, "advance", stop_after_the_first_layer)
         from moemerge.cli import main
 
         assert main([str(a) for a in [*argv, "--out", root / "out"]]) == 128 + signal.SIGINT

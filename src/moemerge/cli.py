@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream",
         action="store_true",
         help="accepted and ignored: reduce always loads, reduces and writes one decoder layer at a time (memory of "
-        "about one layer), except pickle weights and a non-uniform --budget, which load the whole model",
+        "about one layer), except pickle weights, which load the whole model",
     )
     p.add_argument(
         "--sequential",

@@ -151,8 +151,14 @@ def experts_per_layer(
     check_budget(family, config, r, budget, router)
     if budget == "uniform":
         return dict.fromkeys(stats, r)
-    score = {layer: s.counts if budget == "frequency" else s.prob_sum for layer, s in stats.items()}
+    score = {layer: budget_score(s, budget) for layer, s in stats.items()}
     return layer_budgets(score, r, family.routing_rule(config).top_k)
+
+
+def budget_score(stats: LayerStatistics, budget: str) -> torch.Tensor:
+    """[n] what a non-uniform ``budget`` shares the experts by: routed counts ("frequency"), else router
+    probability sums."""
+    return stats.counts if budget == "frequency" else stats.prob_sum
 
 
 def check_budget(family: MoEFamily, config, r: int, budget: str, router: str = "reduce") -> None:

@@ -12,8 +12,8 @@ same statistics, same merge). An output up to the shard size (2 GB) is one ``mod
 to the in-memory one; a larger one has a shard per decoder layer, then one for the embeddings, final norm and head.
 
 :func:`reduce` is the ``reduce`` command: this path, or the whole model in memory
-(:func:`moemerge.pipeline.reduce_in_memory`) where a layer cannot be read alone (pickle weights) or a
-non-uniform ``--budget`` needs every layer's statistics first.
+(:func:`moemerge.pipeline.reduce_in_memory`) where a layer cannot be read alone (pickle weights). A non-uniform
+``--budget`` takes two passes: statistics of every layer (recorded on disk), then the merges.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ from moemerge.checkpoint.source import inspect_source, resolve_device, resolve_d
 from moemerge.checkpoint.writer import write_extras
 from moemerge.distributed import barrier, is_writer, my_share, rank_and_world
 from moemerge.errors import MoemergeError
+from moemerge.grouping import layer_budgets
 from moemerge.methods import COMPRESSING_METHODS
 from moemerge.output_files import clear_stale, publish, writing
 from moemerge.pipeline import (
     LOWRANK_FILE,
     SIDECAR,
     ReduceResult,
+    budget_score,
     compress_experts,
     compression_rank,
     compression_record,
@@ -87,18 +89,13 @@ def reduce(
     """Reduce every MoE layer of the model in directory ``model`` to r experts and write it to ``out``.
 
     One decoder layer at a time (:func:`reduce_streaming`: memory of about one layer, whatever the depth), except
-    for pickle weights, which cannot be read one layer at a time, and a non-uniform ``budget``: those load the
-    whole model (:func:`moemerge.pipeline.reduce_in_memory`) and the phase log says why. Give ``experts`` (r) or
+    for pickle weights, which cannot be read one layer at a time: those load the whole model
+    (:func:`moemerge.pipeline.reduce_in_memory`) and the phase log says why. Give ``experts`` (r) or
     ``ratio`` (fraction kept); the other options are :func:`moemerge.pipeline.prepare`'s (see ``moemerge reduce
     --help``). All input is checked before any work, and ``out`` appears only when complete. ``report``: also
     write ``out/report/`` (see :func:`moemerge.report.write_report`).
     """
-    whole = None
-    if options.get("budget", "uniform") != "uniform":
-        whole = f"--budget {options['budget']} needs every layer's statistics before the first merge"
-    elif inspect_source(model, allow_pickle=allow_pickle).uses_pickle:
-        whole = f"{model} holds pickle weights, which cannot be read one layer at a time"
-    if whole is None:
+    if not inspect_source(model, allow_pickle=allow_pickle).uses_pickle:
         return reduce_streaming(
             model,
             out,
@@ -110,6 +107,7 @@ def reduce(
             report=report,
             **options,
         )
+    whole = f"{model} holds pickle weights, which cannot be read one layer at a time"
     if sequential or resume:
         flag = "--sequential" if sequential else "--resume"
         raise MoemergeError(f"{flag} works one decoder layer at a time, but {whole}; drop {flag}")
@@ -133,9 +131,10 @@ def reduce_streaming(
 ) -> ReduceResult:
     """Reduce the model in directory ``model`` layer by layer into ``out`` (see the module docstring).
 
-    ``options`` are :func:`moemerge.pipeline.prepare`'s; ``--budget`` must be uniform (a non-uniform budget
-    needs every layer's statistics before the first merge). ``resume``: continue the unfinished run of this
-    ``out`` (same model and options) from its last finished layer; the result is byte-identical to an
+    ``options`` are :func:`moemerge.pipeline.prepare`'s. A non-uniform ``budget`` takes two passes: the first
+    runs the calibration tokens through every layer and records its statistics, the second sets each layer's
+    expert count from all of them and merges layer by layer. ``resume``: continue the unfinished run of this
+    ``out`` (same model and options) from its last finished step; the result is byte-identical to an
     uninterrupted run's.
     """
     run = prepare(model, out, force=force, progress=progress, load=False, **options)
@@ -145,10 +144,12 @@ def reduce_streaming(
             f"streaming reads safetensors shards, and {run.source.path} holds pickle weights; convert them to "
             "safetensors"
         )
-    if o["budget"] != "uniform":
+    two_pass = o["budget"] != "uniform"
+    if two_pass and sequential:
         raise MoemergeError(
-            f"--budget {o['budget']} needs every layer's statistics before the first merge, which streaming does "
-            "not keep; use --budget uniform"
+            f"--budget {o['budget']} sets every layer's expert count from the original model's statistics before the "
+            "first merge, and --sequential collects each layer's statistics after the layers before it are reduced; "
+            "drop one of them"
         )
     device = resolve_device(o["device"])
     dtype, compute = model_dtype(config, resolve_dtype(o["dtype"])), run.compute_dtype
@@ -161,6 +162,7 @@ def reduce_streaming(
         raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
     if o["method"] in COMPRESSING_METHODS:
         run.rank = compression_rank(next(iter(views.values())), o["rank"], o["sparsity"], o["param_budget"])
+    num_layers = config.num_hidden_layers
     identity = {
         "options": o,
         "sequential": sequential,
@@ -168,6 +170,8 @@ def reduce_streaming(
         "calibration": run.calibration.sha256(),
         "processes": world,
         "compute_dtype": dtype_name(compute),
+        "num_layers": num_layers,
+        "passes": 2 if two_pass else 1,
     }
     clear_stale(out)
     state = RunState.open(partial_dir(out), identity, resume, force)
@@ -180,48 +184,65 @@ def reduce_streaming(
         source = SourceTensors(run.source.weight_files)
         sequences = run.calibration.sequences
         mine, offsets = my_share(len(sequences)), sequence_offsets(sequences)
-
-        with phase(f"layer inputs of {len(mine)} calibration sequences"):
-            load_outside(skel, source, dtype, only_input=True)
-            embeddings = skel.get_input_embeddings()
-            stored = to_compute(embeddings, compute)
-            hidden, calls = {}, {}
-            for s in mine:
-                hidden[s], calls[s] = _to(layer_inputs(skel, sequences[s]), device)
-            to_storage(embeddings, stored)  # the skeleton keeps the storage dtype for _finish to load into
-            unload(embeddings)
-        start = state.next_layer
-        if start:
-            hidden = {s: h.to(device) for s, h in state.load_hidden(start, rank_id).items()}
-            for layer in range(start):
-                if layer in views:
-                    views[layer].keep_first(len(state.state["layers"][str(layer)]["groups"]))  # shapes only (meta)
+        start, steps = state.next_layer, num_layers * identity["passes"]
+        hidden = calls = None
+        if start < num_layers:  # a step that runs the calibration tokens through a layer is still to come
+            with phase(f"layer inputs of {len(mine)} calibration sequences"):
+                load_outside(skel, source, dtype, only_input=True)
+                embeddings = skel.get_input_embeddings()
+                stored = to_compute(embeddings, compute)
+                hidden, calls = {}, {}
+                for s in mine:
+                    hidden[s], calls[s] = _to(layer_inputs(skel, sequences[s]), device)
+                to_storage(embeddings, stored)  # the skeleton keeps the storage dtype for _finish to load into
+                unload(embeddings)
+            if start:
+                hidden = {s: h.to(device) for s, h in state.load_hidden(start, rank_id).items()}
+        for layer, record in state.state["layers"].items():
+            views[int(layer)].keep_first(len(record["groups"]))  # shapes only (meta)
 
         needs = statistics_needs([(o["method"], method_options_of(o), o["merge"], o["router_rows"])])
         total = run.calibration.num_tokens
-        num_layers = config.num_hidden_layers
+        routing = family.routing_rule(config)
         shards = num_layers + 1
-        with writing(out), phase(f"streaming {num_layers - start} of {num_layers} decoder layers"):
-            for i in tqdm(range(start, num_layers), desc="layers", unit="layer", disable=not progress):
+        kept = None
+
+        def collect(layer, view, i: int) -> tuple:
+            """(decoder layer i's statistics, its outputs) on this process's calibration hidden states."""
+            accumulator = LayerAccumulator(view, total, **needs)
+            handle = view.block.register_forward_pre_hook(accumulator.hook)
+            outputs = {}
+            try:
+                for s in mine:
+                    accumulator.seen = offsets[s]
+                    outputs[s] = run_layer(layer, hidden[s], calls[s][i])
+            finally:
+                handle.remove()
+            return accumulator.result(), outputs
+
+        what = "statistics, then merging," if two_pass else "streaming"
+        with writing(out), phase(f"{what} {num_layers - start % num_layers} of {num_layers} decoder layers"):
+            for step in tqdm(range(start, steps), desc="layers", unit="layer", disable=not progress):
+                i, merging = step % num_layers, step >= steps - num_layers
+                if merging and two_pass and kept is None:
+                    kept = _budget_counts(state, views, routing, run.r, o["budget"])
                 layer = load_layer(skel, source, i, dtype).to(device)
                 stored = to_compute(layer, compute)
                 view = views.get(i)
                 if view is None:
-                    hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
-                    to_storage(layer, stored)
+                    if hidden is not None and not (merging and two_pass):
+                        hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                elif not merging:
+                    stats, hidden = collect(layer, view, i)
+                    if is_writer():
+                        state.save_statistics(i, stats)
                 else:
-                    accumulator = LayerAccumulator(view, total, **needs)
-                    handle = view.block.register_forward_pre_hook(accumulator.hook)
-                    outputs = {}
-                    try:
-                        for s in mine:
-                            accumulator.seen = offsets[s]
-                            outputs[s] = run_layer(layer, hidden[s], calls[s][i])
-                    finally:
-                        handle.remove()
-                    stats = accumulator.result()
+                    if two_pass:
+                        stats, count = state.load_statistics(i, routing), kept[i]
+                    else:
+                        (stats, outputs), count = collect(layer, view, i), run.r
                     groups = plan_groups(
-                        {i: stats}, family, config, run.r, o["method"], router=o["router"], options=method_options_of(o)
+                        {i: stats}, family, config, count, o["method"], router=o["router"], options=method_options_of(o)
                     )[i]
                     router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
                     to_storage(layer, stored)
@@ -232,16 +253,18 @@ def reduce_streaming(
                     if sequential:  # the next layer sees this one as it is stored
                         to_compute(layer, compute)
                         outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
-                        to_storage(layer, stored)
-                    hidden = outputs
+                    if not two_pass:
+                        hidden = outputs
                     if is_writer():
                         state.save_layer(i, groups, stats, router, factors, saved)
-                if is_writer():
+                to_storage(layer, stored)
+                if merging and is_writer():
                     save_file(layer_tensors(skel, i), state.partial / _shard(i + 1, shards), metadata={"format": "pt"})
-                state.save_hidden(i + 1, rank_id, hidden)
+                if not (merging and two_pass):
+                    state.save_hidden(step + 1, rank_id, hidden)
                 barrier()
                 if is_writer():
-                    state.advance(i + 1)
+                    state.advance(step + 1)
                 barrier()
                 unload(layer)
 
@@ -271,13 +294,20 @@ def reduce_streaming(
     )
 
 
+def _budget_counts(state: RunState, views: dict, routing, r: int, budget: str) -> dict[int, int]:
+    """Experts kept per MoE layer under a non-uniform ``budget``, from the statistics pass's records (read one
+    layer at a time)."""
+    scores = {layer: budget_score(state.load_statistics(layer, routing), budget) for layer in sorted(views)}
+    return layer_budgets(scores, r, routing.top_k)
+
+
 def _finish(run, state: RunState, skel, source: SourceTensors, dtype, views, shards: int) -> tuple[dict, dict]:
     """Write the last shard, the index, config, tokenizer files and ``moemerge.json`` into the partial output;
     returns the groups and statistics of every MoE layer."""
     o, family = run.options, run.source.family
     groups, stats, routers, factors, saved = state.finished_layers(family.routing_rule(run.config), sorted(views))
     load_outside(skel, source, dtype)
-    family.set_num_experts(skel, run.r)
+    family.set_num_experts(skel, max(len(g) for g in groups.values()))
     save_file(outside_tensors(skel), state.partial / _shard(shards, shards), metadata={"format": "pt"})
     unload(skel)
     skel.tie_weights()

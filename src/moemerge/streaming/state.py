@@ -3,8 +3,10 @@
 The output is built in ``.NAME.moemerge-partial`` beside ``--out``. Each finished decoder layer leaves its
 final shard there, and in ``.moemerge-state/`` its statistics, original router and low-rank factors
 (``layer-L.safetensors``) and the hidden states entering the next layer (``hidden-L.rankR.safetensors``).
-``state.json`` names the next layer to do; it is replaced atomically only after everything of a layer is
-written, so a run killed at any instant resumes from the last layer it recorded and redoes the rest.
+``state.json`` names the next step to do (a step per decoder layer; with a non-uniform budget a first pass of
+steps records each MoE layer's statistics, ``stats-L.safetensors``, before the merging pass); it is replaced
+atomically only after everything of a step is written, so a run killed at any instant resumes from the last
+step it recorded and redoes the rest.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from moemerge.distributed import is_writer, on_writer
@@ -69,6 +72,24 @@ class RunState:
     def load_hidden(self, layer: int, rank: int) -> dict[int, torch.Tensor]:
         tensors = _load(self.partial, self.hidden_file(layer, rank))
         return {int(name.split(".")[1]): h for name, h in tensors.items()}
+
+    def save_statistics(self, layer: int, stats: LayerStatistics) -> None:
+        """All of an MoE layer's statistics, from the first pass of a two-pass run (not yet committed)."""
+        tensors = {f.name: getattr(stats, f.name) for f in fields(stats)}
+        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+        save_file(tensors, self.dir / f"stats-{layer}.safetensors", metadata={"num_tokens": str(stats.num_tokens)})
+        self.state.setdefault("statistics", []).append(layer)
+
+    def load_statistics(self, layer: int, routing) -> LayerStatistics:
+        """What :meth:`save_statistics` recorded of ``layer``, with the layer's routing rule."""
+        file = self.dir / f"stats-{layer}.safetensors"
+        try:
+            with safe_open(file, framework="pt") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+                num_tokens = int(f.metadata()["num_tokens"])
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
+            raise _damaged(self.partial, f"{file} cannot be read ({err})") from None
+        return LayerStatistics(layer=layer, num_tokens=num_tokens, routing=routing, **tensors)
 
     def save_layer(
         self,
@@ -195,15 +216,21 @@ def _read_state(file: Path, partial: Path) -> dict:
 
 
 def _check_recorded_files(state: dict, partial: Path) -> None:
-    """Raise MoemergeError unless every file the state records as written is there (before any work)."""
-    done, folder = state["next_layer"], partial / STATE_DIR
+    """Raise MoemergeError unless every file the state records as written is there (before any work).
+
+    A run takes ``passes`` steps per decoder layer: with two, steps 0..L-1 record statistics (and hidden states),
+    steps L..2L-1 merge; with one, each step does both."""
+    done, folder, run = state["next_layer"], partial / STATE_DIR, state["run"]
+    layers, passes = run["num_layers"], run["passes"]
     needed = [folder / f"layer-{layer}.safetensors" for layer in state["layers"]]
-    if done:
-        needed += [folder / f"hidden-{done}.rank{r}.safetensors" for r in range(state["run"]["processes"])]
+    if 0 < done < layers:  # the hidden states the next step runs through its layer
+        needed += [folder / f"hidden-{done}.rank{r}.safetensors" for r in range(run["processes"])]
+    needed += [folder / f"stats-{layer}.safetensors" for layer in state.get("statistics", [])]
+    merged = done - (passes - 1) * layers
     missing = [path for path in needed if not path.is_file()]
     missing += [  # the shards of the finished decoder layers (named -of-TOTAL)
         partial / f"model-{i:05d}-of-*.safetensors"
-        for i in range(1, done + 1)
+        for i in range(1, merged + 1)
         if not any(partial.glob(f"model-{i:05d}-of-*.safetensors"))
     ]
     if missing:
