@@ -47,8 +47,13 @@ def test_resume_after_a_crash_at_every_write_is_byte_identical(tmp_path, monkeyp
     every file of the output, report included, equals an uninterrupted run's."""
     source = save_tiny("qwen2_moe", tmp_path / "src")
     options = {**SMALL, "router": "grouped", "calib_samples": 2}
-    reduce_streaming(source, tmp_path / "clean", **options)
-    expected = all_files(tmp_path / "clean")
+    clean = reduce_streaming(source, tmp_path / "clean", **options)
+    crash_at_every_write_then_resume(tmp_path, monkeypatch, source, options, all_files(tmp_path / "clean"), clean)
+
+
+def crash_at_every_write_then_resume(tmp_path, monkeypatch, source, options: dict, expected: dict, result) -> None:
+    """For k = 1, 2, ... up to the run's number of file writes: crash a streamed run at its k-th write (no output
+    appears), then --resume it; its files must equal ``expected`` and its groups and parameter count ``result``'s."""
     with monkeypatch.context() as m:
         writes = crash_at(m, 0)
         reduce_streaming(source, tmp_path / "count", **options)
@@ -59,8 +64,9 @@ def test_resume_after_a_crash_at_every_write_is_byte_identical(tmp_path, monkeyp
             with pytest.raises(Crash):
                 reduce_streaming(source, out, **options)
         assert not out.exists()
-        reduce_streaming(source, out, resume=True, **options)
+        resumed = reduce_streaming(source, out, resume=True, **options)
         assert all_files(out) == expected, f"crash at write {k}"
+        assert (resumed.groups, resumed.params_after) == (result.groups, result.params_after), f"crash at write {k}"
 
 
 # The kill -9 test's helper process: it imports moemerge once, then for each kill point forks a child that runs
@@ -189,15 +195,4 @@ def test_budget_two_passes_equal_the_whole_model_and_resume_after_a_crash_at_eve
     reduce_streaming(source, tmp_path / "clean", **options)
     expected = all_files(tmp_path / "memory")
     assert all_files(tmp_path / "clean") == expected
-    with monkeypatch.context() as m:
-        writes = crash_at(m, 0)
-        reduce_streaming(source, tmp_path / "count", **options)
-    for k in range(1, writes[0] + 1):
-        out = tmp_path / f"crash{k}"
-        with monkeypatch.context() as m:
-            crash_at(m, k)
-            with pytest.raises(Crash):
-                reduce_streaming(source, out, **options)
-        resumed = reduce_streaming(source, out, resume=True, **options)
-        assert all_files(out) == expected, f"crash at write {k}"
-        assert (resumed.groups, resumed.params_after) == (memory.groups, memory.params_after), f"crash at write {k}"
+    crash_at_every_write_then_resume(tmp_path, monkeypatch, source, options, expected, memory)
