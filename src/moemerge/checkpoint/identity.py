@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
+from moemerge.checkpoint.model_files import safetensors_header
 from moemerge.checkpoint.source import SourceModel
 
 SAMPLE_BYTES = 64
@@ -36,8 +36,7 @@ def weights_sha256(files: list[Path]) -> str:
                     f.seek(k * max(size - SAMPLE_BYTES, 0) // 15)
                     digest.update(f.read(SAMPLE_BYTES))
                 continue
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+            header_len, header = safetensors_header(file)
             for name in sorted(k for k in header if k != "__metadata__"):
                 entry = header[name]
                 begin, end = entry["data_offsets"]

@@ -59,10 +59,9 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def check_safetensors(file: Path) -> None:
-    """Raise MoemergeError unless ``file`` is a whole safetensors file: a JSON object header whose entries each
-    have a known dtype, a shape of whole numbers >= 0 and two data_offsets that span exactly the shape's bytes,
-    stored back to back from byte 0, ending where the file ends."""
+def safetensors_header(file: Path) -> tuple[int, object]:
+    """(header length in bytes, the parsed JSON header) of a safetensors file; the tensor data begins at byte
+    8 + the length. MoemergeError for a file too short for its header, or a header that is not JSON."""
     size = file.stat().st_size
     with file.open("rb") as f:
         head = f.read(8)
@@ -71,12 +70,20 @@ def check_safetensors(file: Path) -> None:
             raise MoemergeError(f"{file} is truncated or not a safetensors file; download it again")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
+        return header_len, json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MoemergeError(f"{file} has a corrupt safetensors header; download it again") from None
+
+
+def check_safetensors(file: Path) -> None:
+    """Raise MoemergeError unless ``file`` is a whole safetensors file: a JSON object header whose entries each
+    have a known dtype, a shape of whole numbers >= 0 and two data_offsets that span exactly the shape's bytes,
+    stored back to back from byte 0, ending where the file ends."""
+    header_len, header = safetensors_header(file)
     end, problem = _data_end(header)
     if problem is not None:
         raise MoemergeError(f"{file} has an invalid safetensors header ({problem}); download it again")
+    size = file.stat().st_size
     if 8 + header_len + end != size:
         raise MoemergeError(
             f"{file} is truncated ({size} bytes, its header needs {8 + header_len + end}); download it again"
