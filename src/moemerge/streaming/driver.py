@@ -7,7 +7,7 @@ shard, and free it. Peak memory is about one layer plus the calibration hidden s
 The statistics of layer l come, as in the paper, from the original model's hidden states (the original
 layer l's output is carried on), or with ``sequential`` from the already-reduced layers' (the reduced
 layer l's output is carried on, so each layer's merge sees the errors of the ones before it).
-Groups and weights equal the in-memory :func:`moemerge.reduce`'s bit for bit (same calibration forward,
+Groups and weights equal the whole-model :func:`moemerge.pipeline.reduce_in_memory`'s bit for bit (same calibration forward,
 same statistics, same merge). An output up to the shard size (2 GB) is one ``model.safetensors``, byte-identical
 to the in-memory one; a larger one has a shard per decoder layer, then one for the embeddings, final norm and head.
 
@@ -274,6 +274,7 @@ def reduce_streaming(
                 if report:
                     write_reduce_report(state.partial, run, original, groups, stats, progress)
                 state.discard()
+                _drop_joined_shards(state.partial, shards)
                 publish(state.partial, out.absolute(), force)
     barrier()
     skel.tie_weights()  # moving the embeddings to meta untied a tied output head; count it once
@@ -332,7 +333,8 @@ def _shard(number: int, total: int) -> str:
 
 def _write_weight_files(folder: Path, shards: int) -> None:
     """Up to MAX_SHARD_SIZE in all, join the per-layer shards into one ``model.safetensors`` (what
-    ``save_pretrained`` writes); above, write ``model.safetensors.index.json`` as transformers does."""
+    ``save_pretrained`` writes; :func:`_drop_joined_shards` removes them once the run state is gone, so that a run
+    killed before then still resumes); above, write ``model.safetensors.index.json`` as transformers does."""
     files = [folder / _shard(number, shards) for number in range(1, shards + 1)]
     weight_map, size, params = {}, 0, 0
     for file in files:
@@ -347,14 +349,19 @@ def _write_weight_files(folder: Path, shards: int) -> None:
         for file in files:
             tensors |= load_file(file)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        for file in files:
-            file.unlink()
         return
     index = {
         "metadata": {"total_parameters": params, "total_size": size},
         "weight_map": dict(sorted(weight_map.items())),
     }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _drop_joined_shards(folder: Path, shards: int) -> None:
+    """Remove the per-layer shards :func:`_write_weight_files` joined into ``model.safetensors``, if it did."""
+    if (folder / "model.safetensors").exists():
+        for number in range(1, shards + 1):
+            (folder / _shard(number, shards)).unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict:
