@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from moemerge import output_files, pipeline
 from moemerge.checkpoint import writer
-from moemerge.streaming import driver
+from moemerge.streaming import calibrate, driver
 from moemerge.streaming.state import RunState
 
 SMALL = ["--calib-samples", "2", "--calib-seq-len", "16", "--quiet"]
@@ -602,7 +602,7 @@ def test_resume_of_a_damaged_run_is_one_line(tmp_path, capfd, monkeypatch, inter
         def refuse(*args, **kwargs):
             raise AssertionError("work started before the damage was found")
 
-        monkeypatch.setattr(driver, "layer_inputs", refuse)
+        monkeypatch.setattr(calibrate, "layer_inputs", refuse)
     before = snapshot(mine)
     code, _, err = run_cli([*argv, "--out", out, "--resume"], capfd)
     one_error(code, err, "damaged", "--force")

@@ -157,6 +157,28 @@ def test_inspect_writes_every_figure_and_true_numbers(tmp_path, capfd, calib_fil
         assert_summary_numbers(summary, str(path), numbers)
 
 
+def test_inspect_of_pickle_weights_loads_the_whole_model_to_the_same_report(tmp_path, capfd, calib_files):
+    """Pickle weights cannot be read one layer at a time: inspect loads them whole, and its report (every file) and
+    result equal the layer-by-layer inspect of the same weights in safetensors."""
+    src = save_tiny("olmoe", tmp_path / "safetensors")
+    pickled = tmp_path / "pickle"
+    pickled.mkdir()
+    for file in src.iterdir():
+        if file.suffix != ".safetensors":
+            (pickled / file.name).write_bytes(file.read_bytes())
+    torch.save(AutoModelForCausalLM.from_pretrained(src).state_dict(), pickled / "pytorch_model.bin")
+    results, files = {}, {}
+    for name, model in (("layers", src), ("whole", pickled)):
+        argv = ["inspect", model, "--calib", *calib_files, *SMALL_CALIB, "--out", tmp_path / name, "--json"]
+        code, stdout, err = run([*argv, "--allow-pickle"], capfd)
+        assert code == 0, err
+        path = str(model).encode()  # the report names the model's folder
+        results[name] = json.loads(stdout.replace(str(model), "MODEL"))
+        files[name] = {p.name: p.read_bytes().replace(path, b"MODEL") for p in (tmp_path / name).iterdir()}
+    assert results["layers"] == results["whole"] and "MODEL" in results["layers"]["summary"]
+    assert files["layers"] == files["whole"] and len(files["layers"]) > 3
+
+
 def test_inspect_is_deterministic(tmp_path, capfd, calib_files):
     src = save_tiny("olmoe", tmp_path / "olmoe")
     for name in ("a", "b"):

@@ -52,10 +52,10 @@ def peak_rss_kib(runs: list[list]) -> list[int]:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_default_reduce_peak_memory_does_not_grow_with_depth(tmp_path):
-    """Peak RSS of the default `reduce` of an 8-layer model is within 1.2x of the 2-layer one (same layer shape, 25 MB
-    of experts per layer). Control: `plan`, which holds the whole model, exceeds 1.2x on the same pair, so the
-    bound is not trivially met."""
+def test_reduce_and_inspect_peak_memory_does_not_grow_with_depth(tmp_path):
+    """Peak RSS of the default `reduce`, and of `inspect`, of an 8-layer model is within 1.2x of the 2-layer one
+    (same layer shape, 25 MB of experts per layer). Control: `plan`, which holds the whole model, exceeds 1.2x on
+    the same pair, so the bound is not trivially met."""
     shape = dict(hidden_size=128, intermediate_size=1024, num_experts=16)
     runs, keys = [], []
     for layers in (2, 8):
@@ -63,10 +63,12 @@ def test_default_reduce_peak_memory_does_not_grow_with_depth(tmp_path):
         argv = ["reduce", source, "--experts", "8", "--calib-samples", "2", "--calib-seq-len", "32", "--quiet"]
         argv += ["--no-report"]
         plan = ["plan", *argv[1:-1], "--out", tmp_path / f"plan{layers}.json"]
-        runs += [[*argv, "--out", tmp_path / f"out{layers}"], plan]
-        keys += [("reduce", layers), ("plan", layers)]
+        inspect = ["inspect", source, *argv[4:-1], "--out", tmp_path / f"inspect{layers}"]
+        runs += [[*argv, "--out", tmp_path / f"out{layers}"], plan, inspect]
+        keys += [("reduce", layers), ("plan", layers), ("inspect", layers)]
     peaks = dict(zip(keys, peak_rss_kib(runs), strict=True))
     assert peaks["reduce", 8] <= 1.2 * peaks["reduce", 2], peaks
+    assert peaks["inspect", 8] <= 1.2 * peaks["inspect", 2], peaks
     assert peaks["plan", 8] > 1.2 * peaks["plan", 2], peaks
 
 

@@ -1,4 +1,5 @@
-"""``moemerge inspect``: look at a model's experts before choosing how far to reduce it."""
+"""``moemerge inspect``: look at a model's experts before choosing how far to reduce it, one decoder layer in
+memory at a time (pickle weights, which cannot be read one tensor at a time, are loaded whole)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from transformers import AutoConfig
 
 from moemerge.calibration import check_calibration_size, check_spec, load_calibration
 from moemerge.checkpoint import inspect_source, load_source
+from moemerge.checkpoint.source import load_tokenizer
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.cost import parameter_counts
 from moemerge.output_files import atomic_output, check_output
-from moemerge.precision import compute_in_fastest
-from moemerge.progress import phase
+from moemerge.precision import compute_in_fastest, describe
+from moemerge.progress import log, phase
 from moemerge.report.figures import usage_matrix
 from moemerge.report.page import write_report
 from moemerge.statistics import collect_statistics
+from moemerge.streaming.calibrate import LayerStream, layer_statistics
 
 
 def architecture(name: str, model, family, config) -> dict:
@@ -71,21 +74,30 @@ def inspect(
     source = inspect_source(model, allow_pickle=allow_pickle)
     config = AutoConfig.from_pretrained(source.path)
     check_calibration_size(calib_samples, calib_seq_len, config.max_position_embeddings)
-    with phase(f"loading {source.path}"):
-        loaded, tokenizer = load_source(source, dtype=dtype, device=device)
-        compute_in_fastest(loaded)
-    layers = source.family.moe_layers(loaded)
-    if not layers:
-        raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to inspect")
-    vocab = loaded.get_input_embeddings().num_embeddings
-    stats_by_set = {}
-    for spec in specs:
-        calibration = load_calibration(spec, tokenizer, calib_samples, calib_seq_len, seed, vocab)
-        with phase(f"statistics on {calibration.num_tokens:,} tokens of {calibration.spec}"):
-            stats = collect_statistics(
-                loaded, layers, calibration.sequences, progress=progress, keep_router_logits=True
-            )
-        stats_by_set[calibration.spec] = stats
+    tokenizer, vocab = load_tokenizer(source), config.get_text_config().vocab_size
+    calibrations = [load_calibration(spec, tokenizer, calib_samples, calib_seq_len, seed, vocab) for spec in specs]
+    what = " and ".join(f"{c.num_tokens:,} tokens of {c.spec}" for c in calibrations)
+    if source.uses_pickle:  # pickle weights cannot be read one tensor at a time
+        with phase(f"loading {source.path}"):
+            loaded, _ = load_source(source, dtype=dtype, device=device)
+            compute_in_fastest(loaded)
+        layers = source.family.moe_layers(loaded)
+        _check_has_moe_layers(layers, source)
+        with phase(f"statistics on {what}"):
+            found = [
+                collect_statistics(loaded, layers, c.sequences, progress=progress, keep_router_logits=True)
+                for c in calibrations
+            ]
+    else:
+        stream = LayerStream(source, config, dtype, device)
+        log.info(describe(stream.storage, stream.compute))
+        loaded = stream.skeleton
+        views = {view.layer: view for view in source.family.moe_layers(loaded)}
+        _check_has_moe_layers(views, source)
+        with phase(f"statistics on {what}, one decoder layer at a time"):
+            sets = [c.sequences for c in calibrations]
+            found = layer_statistics(stream, views, sets, {"keep_router_logits": True}, progress)
+    stats_by_set = {c.spec: stats for c, stats in zip(calibrations, found, strict=True)}
     info = architecture(str(model), loaded, source.family, config)
     with atomic_output(out, force) as tmp, phase(f"report {out}"):
         summary = write_report(tmp, info, stats_by_set, progress=progress)
@@ -94,3 +106,8 @@ def inspect(
         for name, stats in stats_by_set.items()
     }
     return {"architecture": info, "usage": usage, "summary": summary}
+
+
+def _check_has_moe_layers(layers, source) -> None:
+    if not layers:
+        raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to inspect")

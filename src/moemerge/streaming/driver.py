@@ -18,7 +18,6 @@ to the in-memory one; a larger one has a shard per decoder layer, then one for t
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from moemerge.checkpoint import writer
 from moemerge.checkpoint.model_files import DTYPE_BITS
-from moemerge.checkpoint.source import inspect_source, resolve_device, resolve_dtype
+from moemerge.checkpoint.source import inspect_source
 from moemerge.checkpoint.writer import write_extras
 from moemerge.distributed import barrier, is_writer, my_share, rank_and_world
 from moemerge.errors import MoemergeError
@@ -57,20 +56,11 @@ from moemerge.pipeline import (
     stored_router,
     write_reduce_report,
 )
-from moemerge.precision import dtype_name, model_dtype, to_compute, to_storage
+from moemerge.precision import dtype_name, to_compute, to_storage
 from moemerge.progress import log, phase
-from moemerge.statistics import LayerAccumulator, sequence_offsets
-from moemerge.streaming.layers import (
-    SourceTensors,
-    layer_inputs,
-    layer_tensors,
-    load_layer,
-    load_outside,
-    outside_tensors,
-    run_layer,
-    skeleton,
-    unload,
-)
+from moemerge.statistics import sequence_offsets
+from moemerge.streaming.calibrate import LayerStream, collect
+from moemerge.streaming.layers import SourceTensors, layer_tensors, load_outside, outside_tensors, run_layer, unload
 from moemerge.streaming.state import RunState, partial_dir
 
 
@@ -151,12 +141,10 @@ def reduce_streaming(
             "first merge, and --sequential collects each layer's statistics after the layers before it are reduced; "
             "drop one of them"
         )
-    device = resolve_device(o["device"])
-    dtype, compute = model_dtype(config, resolve_dtype(o["dtype"])), run.compute_dtype
     rank_id, world = rank_and_world()
     out = Path(out)
-
-    skel = skeleton(copy.deepcopy(config), dtype)
+    stream = LayerStream(run.source, config, o["dtype"], o["device"])
+    skel, source, dtype = stream.skeleton, stream.tensors, stream.storage
     views = {view.layer: view for view in family.moe_layers(skel)}
     if not views:
         raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
@@ -169,7 +157,7 @@ def reduce_streaming(
         "model": run.identity,
         "calibration": run.calibration.sha256(),
         "processes": world,
-        "compute_dtype": dtype_name(compute),
+        "compute_dtype": dtype_name(stream.compute),
         "num_layers": num_layers,
         "passes": 2 if two_pass else 1,
     }
@@ -181,23 +169,15 @@ def reduce_streaming(
 
             original = architecture(str(run.model_arg), skel, family, config)
         params_before = sum(p.numel() for p in skel.parameters())
-        source = SourceTensors(run.source.weight_files)
         sequences = run.calibration.sequences
         mine, offsets = my_share(len(sequences)), sequence_offsets(sequences)
         start, steps = state.next_layer, num_layers * identity["passes"]
         hidden = calls = None
         if start < num_layers:  # a step that runs the calibration tokens through a layer is still to come
             with phase(f"layer inputs of {len(mine)} calibration sequences"):
-                load_outside(skel, source, dtype, only_input=True)
-                embeddings = skel.get_input_embeddings()
-                stored = to_compute(embeddings, compute)
-                hidden, calls = {}, {}
-                for s in mine:
-                    hidden[s], calls[s] = _to(layer_inputs(skel, sequences[s]), device)
-                to_storage(embeddings, stored)  # the skeleton keeps the storage dtype for _finish to load into
-                unload(embeddings)
+                hidden, calls = stream.inputs({s: sequences[s] for s in mine})
             if start:
-                hidden = {s: h.to(device) for s, h in state.load_hidden(start, rank_id).items()}
+                hidden = {s: h.to(stream.device) for s, h in state.load_hidden(start, rank_id).items()}
         for layer, record in state.state["layers"].items():
             views[int(layer)].keep_first(len(record["groups"]))  # shapes only (meta)
 
@@ -207,66 +187,60 @@ def reduce_streaming(
         shards = num_layers + 1
         kept = None
 
-        def collect(layer, view, i: int) -> tuple:
-            """(decoder layer i's statistics, its outputs) on this process's calibration hidden states."""
-            accumulator = LayerAccumulator(view, total, **needs)
-            handle = view.block.register_forward_pre_hook(accumulator.hook)
-            outputs = {}
-            try:
-                for s in mine:
-                    accumulator.seen = offsets[s]
-                    outputs[s] = run_layer(layer, hidden[s], calls[s][i])
-            finally:
-                handle.remove()
-            return accumulator.result(), outputs
-
         what = "statistics, then merging," if two_pass else "streaming"
         with writing(out), phase(f"{what} {num_layers - start % num_layers} of {num_layers} decoder layers"):
             for step in tqdm(range(start, steps), desc="layers", unit="layer", disable=not progress):
                 i, merging = step % num_layers, step >= steps - num_layers
                 if merging and two_pass and kept is None:
                     kept = _budget_counts(state, views, routing, run.r, o["budget"])
-                layer = load_layer(skel, source, i, dtype).to(device)
-                stored = to_compute(layer, compute)
-                view = views.get(i)
-                if view is None:
-                    if hidden is not None and not (merging and two_pass):
-                        hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
-                elif not merging:
-                    stats, hidden = collect(layer, view, i)
-                    if is_writer():
-                        state.save_statistics(i, stats)
-                else:
-                    if two_pass:
-                        stats, count = state.load_statistics(i, routing), kept[i]
+                with stream.layer(i) as (layer, stored):
+                    view = views.get(i)
+                    if view is None:
+                        if hidden is not None and not (merging and two_pass):
+                            hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                    elif not merging:
+                        stats, hidden = collect(layer, view, i, hidden, calls, total, offsets, needs)
+                        if is_writer():
+                            state.save_statistics(i, stats)
                     else:
-                        (stats, outputs), count = collect(layer, view, i), run.r
-                    groups = plan_groups(
-                        {i: stats}, family, config, count, o["method"], router=o["router"], options=method_options_of(o)
-                    )[i]
-                    router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
+                        if two_pass:
+                            stats, count = state.load_statistics(i, routing), kept[i]
+                        else:
+                            stats, outputs = collect(layer, view, i, hidden, calls, total, offsets, needs)
+                            count = run.r
+                        groups = plan_groups(
+                            {i: stats},
+                            family,
+                            config,
+                            count,
+                            o["method"],
+                            router=o["router"],
+                            options=method_options_of(o),
+                        )[i]
+                        router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
+                        to_storage(layer, stored)
+                        router = stored_router(router, view)
+                        factors, saved = {}, 0
+                        if o["method"] in COMPRESSING_METHODS:
+                            factors, saved = compress_experts([view], run.rank, o["sparsity"])
+                        if sequential:  # the next layer sees this one as it is stored
+                            to_compute(layer, stream.compute)
+                            outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                        if not two_pass:
+                            hidden = outputs
+                        if is_writer():
+                            state.save_layer(i, groups, stats, router, factors, saved)
                     to_storage(layer, stored)
-                    router = stored_router(router, view)
-                    factors, saved = {}, 0
-                    if o["method"] in COMPRESSING_METHODS:
-                        factors, saved = compress_experts([view], run.rank, o["sparsity"])
-                    if sequential:  # the next layer sees this one as it is stored
-                        to_compute(layer, compute)
-                        outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
-                    if not two_pass:
-                        hidden = outputs
+                    if merging and is_writer():
+                        save_file(
+                            layer_tensors(skel, i), state.partial / _shard(i + 1, shards), metadata={"format": "pt"}
+                        )
+                    if not (merging and two_pass):
+                        state.save_hidden(step + 1, rank_id, hidden)
+                    barrier()
                     if is_writer():
-                        state.save_layer(i, groups, stats, router, factors, saved)
-                to_storage(layer, stored)
-                if merging and is_writer():
-                    save_file(layer_tensors(skel, i), state.partial / _shard(i + 1, shards), metadata={"format": "pt"})
-                if not (merging and two_pass):
-                    state.save_hidden(step + 1, rank_id, hidden)
-                barrier()
-                if is_writer():
-                    state.advance(step + 1)
-                barrier()
-                unload(layer)
+                        state.advance(step + 1)
+                    barrier()
 
         if is_writer():
             with writing(out), phase(f"writing {out}"):
@@ -366,14 +340,3 @@ def _drop_joined_shards(folder: Path, shards: int) -> None:
 
 def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _to(obj, device: torch.device):
-    """``obj`` (tensors in tuples, lists and dicts) on ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
