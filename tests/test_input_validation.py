@@ -326,14 +326,40 @@ def plant(model: Path, name: str, value: float) -> Path:
     ],
     ids=["nan-gate-up", "inf-down", "inf-router", "nan-attention"],
 )
-@pytest.mark.parametrize("how", [["--method", "hc-smoe"], ["--method", "f-prune"], ["--stream"]])
+@pytest.mark.parametrize("how", [["--method", "hc-smoe"], ["--method", "f-prune"]])
 def test_non_finite_weights_or_statistics(tmp_path, capfd, src, calib, tensor, value, named, how):
     """NaN / Inf in a layer's experts or router is named before its calibration; NaN produced by the forward pass
-    (attention weights) is named in the statistics; in memory (hc-smoe, and f-prune, which used to crash in the
-    report) and streamed alike."""
+    (attention weights) is named in the statistics (hc-smoe, and f-prune, which used to crash in the report)."""
     model = plant(copy_model(src, tmp_path / "model"), tensor, value)
     line = reduce_error(model, tmp_path, capfd, "--calib", calib, *how)
     assert line.startswith(f"error: {named}") and "NaN or Inf" in line
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_finite_check_equals_an_element_wise_test(dtype):
+    """check_finite against torch.isfinite(t).all() on every element: NaN, Inf or -Inf planted anywhere (also +Inf
+    beside -Inf) is found, and the largest finite values, whose sum overflows, are not taken for Inf."""
+    from moemerge.statistics.finite import check_finite
+
+    big = torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(3, 5, 7, generator=g).to(dtype), torch.full((3, 5, 7), big, dtype=dtype)]
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for index in (0, 52, 104):
+            t = cases[0].clone()
+            t.view(-1)[index] = value
+            cases.append(t)
+    both = cases[1].clone()
+    both.view(-1)[[3, 4]] = torch.tensor([float("inf"), float("-inf")], dtype=dtype)
+    cases.append(both)
+    for k, t in enumerate(cases):
+        finite = bool(torch.isfinite(t).all())
+        try:
+            check_finite(0, {"w": t}, "fix it")
+            found = False
+        except MoemergeError:
+            found = True
+        assert found != finite, (k, dtype)
 
 
 # ---------------------------------------------------------------- token ids and context
