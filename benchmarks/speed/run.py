@@ -14,7 +14,9 @@ In one run, so that the ratios compare numbers taken under the same load:
    a dense matmul of the same chunk shape ([chunk, H] x [H, n 2I]) in the compute dtype and in float32.
 2. **Memory against depth.** ``moemerge reduce`` (the default command) of Qwen-shaped checkpoints with 4 and 16 layers
    (vocabulary cut to 32,000, so that the embeddings do not hide the layers), peak RSS of each run and their
-   ratio (target <= 1.2), and wall time per layer.
+   ratio (target <= 1.2), and wall time per layer against the least it could take: max(bytes read / read rate +
+   bytes written / write rate, statistics FLOPs / the float32 matmul rate of step 1), the rates measured here
+   (target <= 2).
 3. **Headline.** A Qwen1.5-MoE-shaped bfloat16 checkpoint of 24 layers, 60 experts + shared expert, hidden
    2048, full vocabulary (about 28.6 GB, more than this machine's 24 GiB of RAM), reduced to 30 experts per
    layer on ``HEADLINE_SEQUENCES`` x ``HEADLINE_SEQ_LEN`` calibration tokens: time, peak RSS
@@ -150,7 +152,34 @@ def streamed_reduce(model: Path, out: Path, calib: Path, sequences: int, seq_len
     }
 
 
-def depth_runs(work: Path) -> dict:
+def disk_rates(work: Path, size: int = 2**30) -> dict:
+    """Bytes per second of writing a file of ``size`` bytes here (fsync'd) and of reading it back."""
+    path, block = work / "disk-rate.bin", os.urandom(2**24)
+    start = time.perf_counter()
+    with path.open("wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write = size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with path.open("rb") as f:
+        while f.read(2**24):
+            pass
+    read = size / (time.perf_counter() - start)
+    path.unlink()
+    return {"write_bytes_per_s": write, "read_bytes_per_s": read}
+
+
+def statistics_flops(shape: str, tokens: int) -> float:
+    """FLOPs of one layer's statistics: every expert's gate and up projections on every token, and the down
+    projection of the routed ones (the formula of :func:`statistics_throughput`)."""
+    config = synthetic.SHAPES[shape]
+    n, hidden, inter = config["num_experts"], config["hidden_size"], config["moe_intermediate_size"]
+    return 2 * tokens * hidden * n * 2 * inter + 2 * tokens * config["num_experts_per_tok"] * hidden * inter
+
+
+def depth_runs(work: Path, fp32_gflops: float, disk: dict) -> dict:
     calib = calibration_rows(work / "calib-depth.jsonl", 4, 128)
     runs = {}
     for layers in DEPTH_LAYERS:
@@ -159,11 +188,24 @@ def depth_runs(work: Path) -> dict:
             model, "qwen1.5-moe-a2.7b", layers, vocab_size=DEPTH_VOCAB, progress=False
         )
         run = streamed_reduce(model, work / f"qwen-{layers}-out", calib, 4, 128)
-        runs[layers] = run | {"checkpoint_gb": summary["bytes"] / 1e9, "seconds_per_layer": run["seconds"] / layers}
+        io = (
+            summary["bytes"] / layers / disk["read_bytes_per_s"]
+            + run["output_gb"] * 1e9 / layers / disk["write_bytes_per_s"]
+        )
+        compute = statistics_flops("qwen1.5-moe-a2.7b", 4 * 128) / (fp32_gflops * 1e9)
+        per_layer = run["seconds"] / layers
+        runs[layers] = run | {
+            "checkpoint_gb": summary["bytes"] / 1e9,
+            "seconds_per_layer": per_layer,
+            "io_seconds_per_layer": io,
+            "flops_seconds_per_layer": compute,
+            "ratio_to_bound": per_layer / max(io, compute),
+        }
         shutil.rmtree(model)
         shutil.rmtree(work / f"qwen-{layers}-out")
     deep, shallow = runs[DEPTH_LAYERS[1]], runs[DEPTH_LAYERS[0]]
-    return {"runs": runs, "rss_ratio": deep["peak_rss_gib"] / shallow["peak_rss_gib"]}
+    rss_ratio = deep["peak_rss_gib"] / shallow["peak_rss_gib"]
+    return {"runs": runs, "rss_ratio": rss_ratio, "disk": disk, "fp32_gflops": fp32_gflops}
 
 
 def headline(work: Path) -> dict:
@@ -208,12 +250,17 @@ def markdown(results: dict) -> str:
         "",
         "## Peak memory against depth (Qwen1.5-MoE layers, vocabulary 32,000, 4 x 128 calibration tokens, 60 -> 30)",
         "",
-        "| layers | checkpoint GB | peak RSS GiB | seconds | seconds per layer |",
-        "|---|---|---|---|---|",
+        f"Disk here: write {depth['disk']['write_bytes_per_s'] / 1e9:.2f} GB/s (fsync'd), read "
+        f"{depth['disk']['read_bytes_per_s'] / 1e9:.2f} GB/s; statistics FLOPs at the float32 matmul rate of "
+        f"{depth['fp32_gflops']:.0f} GFLOP/s. The bound per layer is max(I/O seconds, FLOP seconds).",
+        "",
+        "| layers | checkpoint GB | peak RSS GiB | seconds | seconds per layer | I/O s | FLOP s | ratio to bound |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for layers, r in depth["runs"].items():
         lines.append(
-            f"| {layers} | {r['checkpoint_gb']:.2f} | {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} | {r['seconds_per_layer']:.1f} |"
+            f"| {layers} | {r['checkpoint_gb']:.2f} | {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} | {r['seconds_per_layer']:.1f}"
+            f" | {r['io_seconds_per_layer']:.2f} | {r['flops_seconds_per_layer']:.2f} | {r['ratio_to_bound']:.1f} |"
         )
     lines += [
         "",
@@ -254,7 +301,8 @@ def main() -> None:
         ],
     }
     print(json.dumps(results["throughput"], indent=1), flush=True)
-    results["depth"] = depth_runs(args.work)
+    fp32 = next(r for r in results["throughput"] if r["shape"] == "qwen1.5-moe-a2.7b" and r["stored"] == "float32")
+    results["depth"] = depth_runs(args.work, fp32["dense_gflops_float32"], disk_rates(args.work))
     print(json.dumps(results["depth"], indent=1), flush=True)
     if not args.skip_headline:
         results["headline"] = headline(args.work)
