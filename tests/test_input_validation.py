@@ -335,6 +335,36 @@ def test_non_finite_weights_or_statistics(tmp_path, capfd, src, calib, tensor, v
     assert line.startswith(f"error: {named}") and "NaN or Inf" in line
 
 
+def test_damage_found_in_a_later_layer_keeps_the_finished_ones_for_resume(tmp_path, capfd, src, calib):
+    """NaN in layer 1's experts, where the weights fingerprint does not sample (as a damaged download can be): one
+    error line that names layer 1, the partial folder with the finished layer 0 and --resume; with the file
+    repaired, --resume finishes with the files of a clean run. (Damage found in the first layer leaves nothing:
+    test_non_finite_weights_or_statistics.)"""
+    name = "model.layers.1.block_sparse_moe.experts.5.w1.weight"
+    model = copy_model(src, tmp_path / "model")
+    tensor = load_file(model / "model.safetensors")[name]
+    assert tensor.numel() * tensor.element_size() >= 8 * 64, "the planted value must lie between sampled bytes"
+    original = (model / "model.safetensors").read_bytes()
+    tensors = load_file(model / "model.safetensors")
+    tensors[name].view(-1)[tensor.numel() // 4] = float("nan")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    argv = ["reduce", model, "--out", out, "--experts", "4", "--calib", calib, *SMALL, "--quiet", "--no-report"]
+    code, _, err = run_cli(argv, capfd)
+    partial = tmp_path / ".out.moemerge-partial"
+    line = clean_error(code, err, out)
+    assert line.startswith("error: layer 1: experts.gate_up_proj holds NaN or Inf")
+    assert f"the 1 finished decoder layers stay in {partial}" in line and "--resume" in line
+    assert json.loads((partial / ".moemerge-state" / "state.json").read_text())["next_layer"] == 1
+    (model / "model.safetensors").write_bytes(original)
+    code, _, err = run_cli([*argv, "--resume"], capfd)
+    assert code == 0, err
+    code, _, err = run_cli([*argv[:3], tmp_path / "clean", *argv[4:]], capfd)
+    assert code == 0, err
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()} and not partial.exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_finite_check_equals_an_element_wise_test(dtype):
     """check_finite against torch.isfinite(t).all() on every element: NaN, Inf or -Inf planted anywhere (also +Inf
@@ -468,7 +498,7 @@ def test_malicious_pickle_with_allow_pickle(tmp_path, capfd, src):
 
 @pytest.mark.parametrize("where", ["moemerge.checkpoint.source", "moemerge.streaming.layers"])
 def test_any_exception_from_transformers_is_one_line(tmp_path, capfd, src, monkeypatch, where):
-    """Whether transformers builds the whole model (plan) or the layer-by-layer skeleton (reduce)."""
+    """Whether transformers loads the whole model (pickle weights) or builds the layer-by-layer skeleton."""
 
     class Broken:
         @staticmethod
@@ -477,11 +507,16 @@ def test_any_exception_from_transformers_is_one_line(tmp_path, capfd, src, monke
 
         from_config = from_pretrained
 
+    model, extra = src, []
+    if where.endswith("source"):
+        model, extra = copy_model(src, tmp_path / "pickled"), ["--allow-pickle"]
+        (model / "model.safetensors").unlink()
+        torch.save(load_file(src / "model.safetensors"), model / "pytorch_model.bin")
     monkeypatch.setattr(f"{where}.AutoModelForCausalLM", Broken)
-    command, out = ("plan", tmp_path / "out.json") if where.endswith("source") else ("reduce", tmp_path / "out")
-    code, _, err = run_cli([command, src, "--out", out, "--experts", "4", *SMALL, "--quiet"], capfd)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["reduce", model, "--out", out, "--experts", "4", *SMALL, "--quiet", *extra], capfd)
     assert "a key transformers did not expect" in clean_error(code, err, out)
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["pickled"] if extra else [])
 
 
 def test_expert_count_mismatch_is_one_line(tmp_path, capfd, src):

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli, save_tiny
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from moemerge import output_files, pipeline
 from moemerge.checkpoint import writer
@@ -43,21 +45,20 @@ def calib(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, src, calib) -> Path:
-    """A plan of ``src`` to 4 experts, so that `apply` exercises the whole-model writer (``reduce`` streams)."""
-    from moemerge.cli import main
+def pickled(tmp_path_factory, src) -> Path:
+    """``src`` with pickle weights, which reduce loads whole (the whole-model writer; safetensors stream)."""
+    folder = tmp_path_factory.mktemp("pickled") / "mixtral"
+    shutil.copytree(src, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(load_file(src / "model.safetensors"), folder / "pytorch_model.bin")
+    return folder
 
-    path = tmp_path_factory.mktemp("recipe") / "recipe.json"
-    assert main([str(a) for a in ["plan", src, "--experts", "4", "--calib", calib, *SMALL, "--out", path]]) == 0
-    return path
 
-
-def writing_run(command: str, src: Path, calib: Path, recipe: Path) -> list:
-    """The arguments (without --out) of a run of ``command`` that writes a 4-expert model: the streamed
-    ``reduce`` or the whole-model ``apply``."""
-    if command == "reduce":
-        return ["reduce", src, "--experts", "4", "--calib", calib, "--no-report", *SMALL]
-    return ["apply", recipe, src, "--no-report", "--quiet"]
+def writing_run(command: str, src: Path, calib: Path, pickled: Path) -> list:
+    """The arguments (without --out) of a reduce that writes a 4-expert model: layer by layer ("reduce"), or from
+    the whole model in memory ("pickle")."""
+    model, extra = (src, []) if command == "reduce" else (pickled, ["--allow-pickle"])
+    return ["reduce", model, "--experts", "4", "--calib", calib, "--no-report", *SMALL, *extra]
 
 
 def is_partial(path) -> bool:
@@ -65,7 +66,7 @@ def is_partial(path) -> bool:
     return ".partial-" in Path(path).name or Path(path).name.endswith(".moemerge-partial")
 
 
-WRITERS = ["reduce", "apply"]
+WRITERS = ["reduce", "pickle"]
 
 
 @pytest.fixture
@@ -231,7 +232,9 @@ def test_unwritable_out_is_refused_before_work(tmp_path, capfd, src, no_work, ca
 
 
 @pytest.mark.parametrize("command", WRITERS)
-def test_output_appearing_during_a_run_is_kept_without_force(tmp_path, capfd, src, calib, recipe, monkeypatch, command):
+def test_output_appearing_during_a_run_is_kept_without_force(
+    tmp_path, capfd, src, calib, pickled, monkeypatch, command
+):
     """A second run's output that appears while this one works (the existence check at the start passed) is left
     whole without --force: one error line, this run's unfinished output removed. With --force it is replaced, and
     nothing unfinished (nor the old output moved aside) remains."""
@@ -245,7 +248,7 @@ def test_output_appearing_during_a_run_is_kept_without_force(tmp_path, capfd, sr
         real(a, b)
 
     monkeypatch.setattr(output_files.os, "rename", other_run_finishes_first)
-    argv = [*writing_run(command, src, calib, recipe), "--out", out]
+    argv = [*writing_run(command, src, calib, pickled), "--out", out]
     code, _, err = run_cli(argv, capfd)
     one_error(code, err, "appeared", "--force")
     assert snapshot(out) == {"keep.txt": b"the other run's"}
@@ -260,7 +263,7 @@ def test_output_appearing_during_a_run_is_kept_without_force(tmp_path, capfd, sr
 
 @pytest.mark.parametrize("command", WRITERS)
 def test_force_keeps_the_old_output_when_the_final_rename_fails(
-    tmp_path, capfd, src, calib, recipe, monkeypatch, command
+    tmp_path, capfd, src, calib, pickled, monkeypatch, command
 ):
     """With --force the old output is moved aside, not deleted, until the new one is in place: a failure of the
     final rename puts it back, whole."""
@@ -275,7 +278,7 @@ def test_force_keeps_the_old_output_when_the_final_rename_fails(
         real(a, b)
 
     monkeypatch.setattr(output_files.os, "rename", rename)
-    argv = [*writing_run(command, src, calib, recipe), "--out", out, "--force"]
+    argv = [*writing_run(command, src, calib, pickled), "--out", out, "--force"]
     code, _, err = run_cli(argv, capfd)
     one_error(code, err, "Input/output error")
     assert snapshot(out) == {"keep.txt": b"old"}
@@ -357,7 +360,7 @@ def test_output_modes_follow_the_umask_and_inner_links_are_copied(tmp_path, capf
 
 @pytest.mark.parametrize("command", WRITERS)
 @pytest.mark.parametrize("failure", ["oserror", "safetensors"])
-def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capfd, src, calib, recipe, monkeypatch, failure, command):
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capfd, src, calib, pickled, monkeypatch, failure, command):
     """A write that fails for lack of space (as Python or safetensors reports it) is one error line naming the
     reason; an old output (with --force) stays whole; the whole-model writer's temporary is removed, and the
     streamed run keeps its finished layers for --resume and says so."""
@@ -374,7 +377,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capfd, src, calib, r
     old.mkdir()
     (old / "keep.txt").write_text("old", encoding="utf-8")
     for out, extra in ((tmp_path / "fresh", []), (old, ["--force"])):
-        argv = [*writing_run(command, src, calib, recipe), "--out", out, *extra]
+        argv = [*writing_run(command, src, calib, pickled), "--out", out, *extra]
         code, _, err = run_cli(argv, capfd)
         line = one_error(code, err, "No space left on device", str(out.name))
         assert temporaries(tmp_path) == []
@@ -404,7 +407,7 @@ def test_disk_full_while_streaming_is_one_line(tmp_path, capfd, src, calib, monk
 # ------------------------------------------------------------------ signals
 
 
-KILLED_RUN = ["--no-report", "--quiet"]  # after "apply RECIPE MODEL"
+KILLED_RUN = ["--experts", "4", "--allow-pickle", "--no-report", *SMALL]  # after "reduce MODEL --calib FILE"
 CHILD = """
 import pathlib, sys, time
 from moemerge import pipeline
@@ -420,14 +423,14 @@ def write_then_wait(model, source_dir, out_dir, *args, **kwargs):
 
 
 pipeline.write_checkpoint = write_then_wait
-sys.exit(main(["apply", *sys.argv[2:]]))
+sys.exit(main(["reduce", *sys.argv[2:]]))
 """
 
 
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory, src, recipe) -> dict[str, tuple[Path, subprocess.Popen, Path]]:
-    """Real `moemerge apply` processes (the whole-model writer; the streamed reduce keeps its partial folder for
-    --resume, test_streaming_resume.py) stopped in the middle of writing (their temporary output holds the whole model), one
+def stopped(tmp_path_factory, pickled, calib) -> dict[str, tuple[Path, subprocess.Popen, Path]]:
+    """Real `moemerge reduce` processes of pickle weights (the whole-model writer; a layer-by-layer run keeps its
+    partial folder for --resume, test_streaming_resume.py) stopped in the middle of writing (their temporary output holds the whole model), one
     per test below, started together to share their start-up time: name -> (folder, process, temporary).
     "sigterm" replaces an old output with --force; "sigkill" writes a new one."""
     started = {}
@@ -438,7 +441,7 @@ def stopped(tmp_path_factory, src, recipe) -> dict[str, tuple[Path, subprocess.P
             (root / "out" / "keep.txt").write_text("old", encoding="utf-8")
         argv = [*KILLED_RUN, "--out", root / "out", *(["--force"] if force else [])]
         process = subprocess.Popen(
-            [sys.executable, "-c", CHILD, root / "writing", recipe, src, *map(str, argv)],
+            [sys.executable, "-c", CHILD, root / "writing", pickled, "--calib", calib, *map(str, argv)],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -484,8 +487,8 @@ def not_taken_over(signum, frame):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_signals_while_writing_in_process(tmp_path, capfd, src, recipe, monkeypatch, signum):
-    """Ctrl-C, SIGTERM and SIGHUP while the whole-model writer (apply) writes: one error line naming the signal,
+def test_signals_while_writing_in_process(tmp_path, capfd, pickled, calib, monkeypatch, signum):
+    """Ctrl-C, SIGTERM and SIGHUP while the whole-model writer (pickle weights) writes: one error line naming the signal,
     exit 128 + its number, no temporary, no output; the handlers that were there before main are back
     afterwards."""
     real = pipeline.write_checkpoint
@@ -502,7 +505,7 @@ def test_signals_while_writing_in_process(tmp_path, capfd, src, recipe, monkeypa
     previous = {s: signal.signal(s, not_taken_over) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         out = tmp_path / "out"
-        code, _, err = run_cli(["apply", recipe, src, *KILLED_RUN, "--out", out], capfd)
+        code, _, err = run_cli(["reduce", pickled, "--calib", calib, *KILLED_RUN, "--out", out], capfd)
         assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is not_taken_over
     finally:
         for s, handler in previous.items():
@@ -517,7 +520,7 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_temporaries_left_by_sigkill_are_removed_by_the_next_run(capfd, src, recipe, stopped):
+def test_temporaries_left_by_sigkill_are_removed_by_the_next_run(capfd, pickled, calib, stopped):
     """After a real SIGKILL while writing, the next run with the same --out removes the killed process's
     temporary; moemerge's other folders (another output's, another host's, a live process's, the resumable
     --stream one) and look-alikes stay."""
@@ -535,7 +538,7 @@ def test_temporaries_left_by_sigkill_are_removed_by_the_next_run(capfd, src, rec
     ]
     for name in kept:
         (root / name).mkdir()
-    code, _, err = run_cli(["apply", recipe, src, *KILLED_RUN, "--out", root / "out"], capfd)
+    code, _, err = run_cli(["reduce", pickled, "--calib", calib, *KILLED_RUN, "--out", root / "out"], capfd)
     assert code == 0, err
     assert not tmp.exists()
     assert temporaries(root) == sorted(n for n in kept if ".partial-" in n)

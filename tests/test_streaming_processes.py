@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import torch
 from conftest import save_tiny
+from safetensors.torch import load_file
 from test_streaming import all_files
 
 from moemerge.cli import main
@@ -52,24 +54,31 @@ def peak_rss_kib(runs: list[list]) -> list[int]:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_reduce_and_inspect_peak_memory_does_not_grow_with_depth(tmp_path):
-    """Peak RSS of the default `reduce`, and of `inspect`, of an 8-layer model is within 1.2x of the 2-layer one
-    (same layer shape, 25 MB of experts per layer). Control: `plan`, which holds the whole model, exceeds 1.2x on
-    the same pair, so the bound is not trivially met."""
+def test_peak_memory_does_not_grow_with_depth(tmp_path):
+    """Peak RSS of `reduce`, `plan`, `apply` and `inspect` of an 8-layer model is within 1.2x of the 2-layer one
+    (same layer shape, 25 MB of experts per layer). Control: `reduce` of the same weights as pickle, which it
+    loads whole, exceeds 1.2x on the same pair, so the bound is not trivially met."""
     shape = dict(hidden_size=128, intermediate_size=1024, num_experts=16)
     runs, keys = [], []
     for layers in (2, 8):
         source = save_tiny("mixtral", tmp_path / f"src{layers}", num_hidden_layers=layers, **shape)
-        argv = ["reduce", source, "--experts", "8", "--calib-samples", "2", "--calib-seq-len", "32", "--quiet"]
-        argv += ["--no-report"]
-        plan = ["plan", *argv[1:-1], "--out", tmp_path / f"plan{layers}.json"]
-        inspect = ["inspect", source, *argv[4:-1], "--out", tmp_path / f"inspect{layers}"]
-        runs += [[*argv, "--out", tmp_path / f"out{layers}"], plan, inspect]
-        keys += [("reduce", layers), ("plan", layers), ("inspect", layers)]
+        pickled = shutil.copytree(source, tmp_path / f"pickle{layers}")
+        (pickled / "model.safetensors").unlink()
+        torch.save(load_file(source / "model.safetensors"), pickled / "pytorch_model.bin")
+        options = ["--experts", "8", "--calib-samples", "2", "--calib-seq-len", "32", "--quiet"]
+        recipe = tmp_path / f"plan{layers}.json"
+        runs += [
+            ["reduce", source, *options, "--no-report", "--out", tmp_path / f"out{layers}"],
+            ["plan", source, *options, "--out", recipe],
+            ["apply", recipe, source, "--quiet", "--no-report", "--out", tmp_path / f"apply{layers}"],
+            ["inspect", source, *options[2:], "--out", tmp_path / f"inspect{layers}"],
+            ["reduce", pickled, *options, "--no-report", "--allow-pickle", "--out", tmp_path / f"whole{layers}"],
+        ]
+        keys += [(command, layers) for command in ("reduce", "plan", "apply", "inspect", "whole")]
     peaks = dict(zip(keys, peak_rss_kib(runs), strict=True))
-    assert peaks["reduce", 8] <= 1.2 * peaks["reduce", 2], peaks
-    assert peaks["inspect", 8] <= 1.2 * peaks["inspect", 2], peaks
-    assert peaks["plan", 8] > 1.2 * peaks["plan", 2], peaks
+    for command in ("reduce", "plan", "apply", "inspect"):
+        assert peaks[command, 8] <= 1.2 * peaks[command, 2], (command, peaks)
+    assert peaks["whole", 8] > 1.2 * peaks["whole", 2], peaks
 
 
 # torchrun runs this script in each of its processes: moemerge's CLI once per argument list (argv: JSON), so that

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model", help="the model the recipe was planned for (checked by config and weights fingerprint)")
     a.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")
     a.add_argument("--no-report", action="store_true", help="do not write OUT/report/ (figures of the groups)")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     a.add_argument("--force", action="store_true", help="replace an existing output directory")
     _pickle_option(a)
     a.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the recipe's)")
@@ -302,6 +303,7 @@ def _apply(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
         report=not args.no_report,
+        resume=args.resume,
     )
     _print_reduced(result, args)
 

@@ -42,6 +42,8 @@ from moemerge.pipeline import (
     prepare,
     write_reduced,
 )
+from moemerge.streaming import reduce_streaming
+from moemerge.streaming.calibrate import statistics_layer_by_layer
 
 SCHEMA = "moemerge.recipe/1"
 
@@ -49,11 +51,14 @@ SCHEMA = "moemerge.recipe/1"
 def plan_recipe(
     model: str | Path, recipe: str | Path, *, force: bool = False, progress: bool = True, **options
 ) -> dict:
-    """Calibrate and group like :func:`moemerge.reduce` with the same ``options``, and write the plan to the JSON
-    file ``recipe`` (not replaced without ``force``). Returns the recipe."""
+    """Calibrate and group like :func:`moemerge.reduce` with the same ``options``, one decoder layer in memory at a
+    time, and write the plan to the JSON file ``recipe`` (not replaced without ``force``). Returns the recipe."""
     check_recipe_path(recipe, force, reads=(model, options.get("calib")))
     recipe = Path(recipe)
-    run = prepare(model, None, progress=progress, **options)
+    whole = inspect_source(model, allow_pickle=options.get("allow_pickle", False)).uses_pickle
+    run = prepare(model, None, progress=progress, load=whole, **options)
+    if not whole:  # one decoder layer in memory at a time (pickle weights cannot be read so)
+        run.stats = statistics_layer_by_layer(run, progress)
     groups = plan(run)
     layers = []
     for layer, layer_groups in groups.items():
@@ -87,8 +92,10 @@ def apply_recipe(
     allow_pickle: bool = False,
     progress: bool = True,
     report: bool = True,
+    resume: bool = False,
 ) -> ReduceResult:
-    """Reduce ``model`` to the groups planned in ``recipe`` and write it to ``out`` (with ``report/``, as reduce). ``device`` and ``dtype``
+    """Reduce ``model`` to the groups planned in ``recipe`` and write it to ``out`` (with ``report/``, as reduce),
+    one decoder layer in memory at a time (``resume``: continue an interrupted run). ``device`` and ``dtype``
     replace the recorded ones when given. Raises MoemergeError, before any model is loaded, when ``model``
     is not the model the recipe was planned for."""
     check_output(out, force, reads=(recipe, model))
@@ -99,15 +106,21 @@ def apply_recipe(
     check_identity(content["model"], identity, Path(recipe), source.path)
     options = content["options"] | {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     groups = recipe_groups(content, source.family, config, recipe)
-    run = prepare(model, out, force=force, allow_pickle=allow_pickle, progress=progress, **options)
+    whole = source.uses_pickle  # pickle weights cannot be read one decoder layer at a time
+    run = prepare(model, out, force=force, allow_pickle=allow_pickle, progress=progress, load=whole, **options)
     if run.calibration.sha256() != content["calibration"]["sha256"]:
         raise MoemergeError(
             f"the calibration tokens of {content['calibration']['spec']} differ from those {recipe} was planned on "
             "(the text or the tokenizer changed); give the same calibration text or plan again"
         )
+    common = dict(force=force, allow_pickle=allow_pickle, progress=progress, report=report)
+    if not whole:
+        return reduce_streaming(model, out, resume=resume, planned=groups, **common, **options)
+    if resume:
+        raise MoemergeError(f"--resume works one decoder layer at a time, but {model} holds pickle weights; drop it")
     if sorted(groups) != sorted(run.stats):
         raise MoemergeError(
-            f"{recipe} plans MoE layers {sorted(groups)} but the model has {sorted(run.stats)}; plan again for it"
+            f"the recipe plans MoE layers {sorted(groups)} but the model has {sorted(run.stats)}; plan again for it"
         )
     return write_reduced(run, groups, out, force, progress, report)
 

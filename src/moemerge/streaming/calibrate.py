@@ -17,7 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moemerge.checkpoint.source import SourceModel, resolve_device, resolve_dtype
+from moemerge.errors import MoemergeError
+from moemerge.pipeline import method_options_of, statistics_needs
 from moemerge.precision import compute_dtype, model_dtype, to_compute, to_storage
+from moemerge.progress import phase
 from moemerge.statistics import LayerAccumulator, LayerStatistics, sequence_offsets
 from moemerge.streaming.layers import SourceTensors, layer_inputs, load_layer, load_outside, run_layer, skeleton, unload
 
@@ -92,6 +95,20 @@ def layer_statistics(
                     hidden = {s: run_layer(layer, h, calls[s][i]) for s, h in hidden.items()}
                 carried[k] = (hidden, calls)
     return found
+
+
+def statistics_layer_by_layer(run, progress: bool = True) -> dict[int, LayerStatistics]:
+    """The statistics of every MoE layer that grouping needs (not merging: no router samples for it) for a
+    :func:`moemerge.pipeline.prepare` d run (``load=False``), one decoder layer in memory at a time."""
+    o = run.options
+    stream = LayerStream(run.source, run.config, o["dtype"], o["device"])
+    views = {view.layer: view for view in run.source.family.moe_layers(stream.skeleton)}
+    if not views:
+        raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
+    needs = statistics_needs([(o["method"], method_options_of(o), "frequency", "frequency")])
+    tokens = run.calibration.num_tokens
+    with phase(f"statistics of {len(views)} MoE layers on {tokens:,} calibration tokens, one decoder layer at a time"):
+        return layer_statistics(stream, views, [run.calibration.sequences], needs, progress)[0]
 
 
 def _to(obj, device: torch.device):

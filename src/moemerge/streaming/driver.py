@@ -117,6 +117,7 @@ def reduce_streaming(
     force: bool = False,
     progress: bool = True,
     report: bool = True,
+    planned: dict[int, list[list[int]]] | None = None,
     **options,
 ) -> ReduceResult:
     """Reduce the model in directory ``model`` layer by layer into ``out`` (see the module docstring).
@@ -125,7 +126,8 @@ def reduce_streaming(
     runs the calibration tokens through every layer and records its statistics, the second sets each layer's
     expert count from all of them and merges layer by layer. ``resume``: continue the unfinished run of this
     ``out`` (same model and options) from its last finished step; the result is byte-identical to an
-    uninterrupted run's.
+    uninterrupted run's. ``planned``: merge every MoE layer to these groups (a recipe's, checked by the caller)
+    instead of grouping it.
     """
     run = prepare(model, out, force=force, progress=progress, load=False, **options)
     o, family, config = run.options, run.source.family, run.config
@@ -134,7 +136,7 @@ def reduce_streaming(
             f"streaming reads safetensors shards, and {run.source.path} holds pickle weights; convert them to "
             "safetensors"
         )
-    two_pass = o["budget"] != "uniform"
+    two_pass = o["budget"] != "uniform" and planned is None
     if two_pass and sequential:
         raise MoemergeError(
             f"--budget {o['budget']} sets every layer's expert count from the original model's statistics before the "
@@ -148,6 +150,10 @@ def reduce_streaming(
     views = {view.layer: view for view in family.moe_layers(skel)}
     if not views:
         raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
+    if planned is not None and sorted(planned) != sorted(views):
+        raise MoemergeError(
+            f"the recipe plans MoE layers {sorted(planned)} but the model has {sorted(views)}; plan again for it"
+        )
     if o["method"] in COMPRESSING_METHODS:
         run.rank = compression_rank(next(iter(views.values())), o["rank"], o["sparsity"], o["param_budget"])
     num_layers = config.num_hidden_layers
@@ -160,6 +166,7 @@ def reduce_streaming(
         "compute_dtype": dtype_name(stream.compute),
         "num_layers": num_layers,
         "passes": 2 if two_pass else 1,
+        "planned": None if planned is None else {str(k): [list(g) for g in v] for k, v in sorted(planned.items())},
     }
     clear_stale(out)
     state = RunState.open(partial_dir(out), identity, resume, force)
@@ -208,15 +215,18 @@ def reduce_streaming(
                         else:
                             stats, outputs = collect(layer, view, i, hidden, calls, total, offsets, needs)
                             count = run.r
-                        groups = plan_groups(
-                            {i: stats},
-                            family,
-                            config,
-                            count,
-                            o["method"],
-                            router=o["router"],
-                            options=method_options_of(o),
-                        )[i]
+                        if planned is not None:
+                            groups = planned[i]
+                        else:
+                            groups = plan_groups(
+                                {i: stats},
+                                family,
+                                config,
+                                count,
+                                o["method"],
+                                router=o["router"],
+                                options=method_options_of(o),
+                            )[i]
                         router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
                         to_storage(layer, stored)
                         router = stored_router(router, view)
