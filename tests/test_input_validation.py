@@ -354,7 +354,8 @@ def test_damage_found_in_a_later_layer_keeps_the_finished_ones_for_resume(tmp_pa
     partial = tmp_path / ".out.moemerge-partial"
     line = clean_error(code, err, out)
     assert line.startswith("error: layer 1: experts.gate_up_proj holds NaN or Inf")
-    assert f"the 1 finished decoder layers stay in {partial}" in line and "--resume" in line
+    assert f"the run's first 1 steps (a step per decoder layer and pass) stay in {partial}" in line
+    assert "rerun with --resume" in line
     assert json.loads((partial / ".moemerge-state" / "state.json").read_text())["next_layer"] == 1
     (model / "model.safetensors").write_bytes(original)
     code, _, err = run_cli([*argv, "--resume"], capfd)

@@ -70,7 +70,7 @@ NOT_OPTIONS = ("model", "out", "force", "allow_pickle", "progress", "load")  # p
 
 @dataclass
 class ReduceResult:
-    """What :func:`reduce_in_memory` did: where, which groups per decoder layer, and the size change.
+    """What a reduction did: where, which groups per decoder layer, and the size change.
 
     stored_params: for mc-smoe, the parameters if the compressed experts are kept as their
     low-rank and sparse factors (params_after counts them as the dense matrices written).
@@ -531,7 +531,8 @@ def reduce_in_memory(
     model: str | Path, out: str | Path, *, force: bool = False, progress: bool = True, report: bool = True, **options
 ) -> ReduceResult:
     """Reduce every MoE layer of the model in directory ``model``, loaded whole, to r experts and write it to
-    ``out`` (what :func:`moemerge.streaming.reduce` does for pickle weights and non-uniform budgets).
+    ``out`` (what :func:`moemerge.streaming.reduce` does for pickle weights, which cannot be read one layer at a
+    time).
 
     Give ``experts`` (r) or ``ratio`` (fraction kept); with a non-uniform ``budget`` r is the average
     over layers and the output needs :func:`moemerge.load_model` (a standard config holds one count).

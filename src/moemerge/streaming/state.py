@@ -161,8 +161,8 @@ class RunState:
                 shutil.rmtree(self.partial, ignore_errors=True)
                 raise
             raise MoemergeError(
-                f"{err}; the {self.next_layer} finished decoder layers stay in {self.partial}: once this is fixed, "
-                "rerun with --resume to continue from there"
+                f"{err}; the run's first {self.next_layer} steps (a step per decoder layer and pass) stay in "
+                f"{self.partial}: once this is fixed, rerun with --resume to continue from there"
             ) from None
 
     def discard(self) -> None:
