@@ -78,6 +78,10 @@ def merge_experts(
     units = units or [None] * len(groups)
     merged = ([], [], [])
     for group, alphas, unit in zip(groups, member_weights, units, strict=True):
+        if unit is None and len(group) == 1 and alphas.tolist() == [1.0]:  # 1.0 * w in float64 is w: skip the sums
+            for out, w in zip(merged, weights, strict=True):
+                out.append(w[group[0]])
+            continue
         acc = [torch.zeros(w.shape[1:], dtype=torch.float64, device=w.device) for w in (gate, up, down)]
         mass = torch.zeros(size, dtype=torch.float64, device=gate.device)
         for m, (expert, alpha) in enumerate(zip(group, alphas.tolist(), strict=True)):
