@@ -489,3 +489,32 @@ def test_grouped_router_allows_fewer_experts_than_top_k(tmp_path, capfd, src, ca
     for layer in model.model.layers:
         assert layer.mlp.experts.gate_up_proj.shape[0] == 1
         assert layer.mlp.gate.weight.shape[0] == 1
+
+
+def test_cli_defaults_are_the_python_api_defaults():
+    """`reduce` and `plan` without options pass exactly the defaults of moemerge.pipeline.prepare (the Python API),
+    and `compare`, `inspect` and `eval` those of their functions: each default is written once."""
+    import inspect as introspect
+
+    from moemerge.cli import _reduction_kwargs, build_parser
+    from moemerge.compare import compare
+    from moemerge.evaluation.evaluate import evaluate
+    from moemerge.pipeline import default_options
+    from moemerge.report.inspection import inspect
+
+    def defaults(function) -> dict:
+        return {k: p.default for k, p in introspect.signature(function).parameters.items() if p.default is not p.empty}
+
+    parser = build_parser()
+    for command in ("reduce", "plan"):
+        args = parser.parse_args([command, "MODEL", "--experts", "4", "--out", "OUT.json"])
+        assert _reduction_kwargs(args) == default_options() | {"experts": 4}, command
+    checks = {
+        "compare": (["compare", "MODEL", "--methods", "hc-smoe", "--experts", "4", "--out", "OUT"], compare),
+        "inspect": (["inspect", "MODEL", "--out", "OUT"], inspect),
+        "eval": (["eval", "MODEL"], evaluate),
+    }
+    for command, (argv, function) in checks.items():
+        args = vars(parser.parse_args(argv))
+        shared = {k: v for k, v in defaults(function).items() if k in args and k not in ("calib", "tasks")}
+        assert shared and {k: args[k] for k in shared} == shared, command

@@ -8,9 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, EVAL_MAX_TOKENS, EVAL_SEQ_LEN
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, DISTANCES, KMEANS_INITS, LINKAGES, METRICS
-from moemerge.pipeline import DEFAULT_SPARSITY, ROUTER_MODES  # importing the pipeline registers every method
+from moemerge.pipeline import ROUTER_MODES, default_options  # importing the pipeline registers every method
 from moemerge.progress import show_phases
 from moemerge.registry import names
 from moemerge.signals import signal_of, signals_as_exceptions
@@ -83,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="one or more calibration sets (as reduce's --calib), compared in the usage figure; default: bundled corpus",
     )
-    i.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration sequences (default 32)")
-    i.add_argument("--calib-seq-len", type=int, default=2048, metavar="L", help="tokens per sequence (default 2048)")
+    _calibration_size_options(i)
     i.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     i.add_argument("--out", required=True, help="report folder (created; never overwritten without --force)")
     i.add_argument("--force", action="store_true", help="replace an existing report folder")
@@ -123,19 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reduction_options(p: argparse.ArgumentParser) -> None:
-    """The options of reduce and plan: size, method and its settings, router, calibration."""
+    """The options of reduce and plan: size, method and its settings, router, calibration (defaults:
+    :func:`moemerge.pipeline.prepare`'s)."""
+    d = default_options()
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--experts", type=int, metavar="R", help="experts to keep per MoE layer")
     size.add_argument("--ratio", type=float, metavar="F", help="fraction of experts to keep per MoE layer")
-    p.add_argument("--method", default="hc-smoe", choices=names("method"))
-    p.add_argument("--metric", default="expert-output", choices=METRICS, help="hc-smoe: what experts are compared by")
-    p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="hc-smoe: distance between features")
-    p.add_argument("--cluster", default="hierarchical", choices=names("cluster"), help="hc-smoe: clustering algorithm")
-    p.add_argument("--linkage", default="average", choices=LINKAGES, help="hierarchical clustering linkage")
-    p.add_argument("--kmeans-init", default="first", choices=KMEANS_INITS, help="k-means initial centres")
+    p.add_argument("--method", default=d["method"], choices=names("method"))
+    p.add_argument("--metric", default=d["metric"], choices=METRICS, help="hc-smoe: what experts are compared by")
+    p.add_argument("--distance", default=d["distance"], choices=DISTANCES, help="hc-smoe: distance between features")
+    p.add_argument("--cluster", default=d["cluster"], choices=names("cluster"), help="hc-smoe: clustering algorithm")
+    p.add_argument("--linkage", default=d["linkage"], choices=LINKAGES, help="hierarchical clustering linkage")
+    p.add_argument("--kmeans-init", default=d["kmeans_init"], choices=KMEANS_INITS, help="k-means initial centres")
     p.add_argument(
         "--merge",
-        default="frequency",
+        default=d["merge"],
         choices=names("merge"),
         help="how a group is merged: weighted average (frequency, average) or neuron matching (fix-dom, zipit)",
     )
@@ -148,8 +150,8 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sparsity",
         type=float,
-        default=DEFAULT_SPARSITY,
-        help=f"mc-smoe: share of the low-rank residual set to zero (default {DEFAULT_SPARSITY})",
+        default=d["sparsity"],
+        help=f"mc-smoe: share of the low-rank residual set to zero (default {d['sparsity']})",
     )
     p.add_argument(
         "--param-budget",
@@ -159,23 +161,26 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--router",
-        default="reduce",
+        default=d["router"],
         choices=ROUTER_MODES,
         help="reduce: standard checkpoint with an r-row router; grouped: keep the original router (load with moemerge.load_model)",
     )
     p.add_argument(
-        "--router-rows", default="lse", choices=names("router-rows"), help="how reduced router rows are built"
+        "--router-rows",
+        default=d["router_rows"],
+        choices=names("router-rows"),
+        help="how reduced router rows are built",
     )
     p.add_argument(
         "--oprune-budget",
         type=int,
-        default=100_000,
+        default=d["oprune_budget"],
         metavar="N",
-        help="o-prune: try every subset if there are at most N, else N random ones (default 100000)",
+        help=f"o-prune: try every subset if there are at most N, else N random ones (default {d['oprune_budget']})",
     )
     p.add_argument(
         "--budget",
-        default="uniform",
+        default=d["budget"],
         choices=BUDGETS,
         help="experts per layer: uniform (R each), or R on average by global expert frequency or router probability "
         "(load the output with moemerge.load_model)",
@@ -189,10 +194,26 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="a .txt, a .jsonl (text or input_ids rows) or hf:NAME[:CONFIG[:SPLIT]]; default: bundled corpus",
     )
-    p.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration sequences (default 32)")
-    p.add_argument("--calib-seq-len", type=int, default=2048, metavar="L", help="tokens per sequence (default 2048)")
+    _calibration_size_options(p)
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the calibration sample, k-means and o-prune's random subsets"
+    )
+
+
+def _calibration_size_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=CALIB_SAMPLES,
+        metavar="N",
+        help=f"calibration sequences (default {CALIB_SAMPLES})",
+    )
+    p.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=CALIB_SEQ_LEN,
+        metavar="L",
+        help=f"tokens per sequence (default {CALIB_SEQ_LEN})",
     )
 
 
@@ -200,8 +221,16 @@ def _evaluation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", metavar="SPEC", help="text for perplexity and fidelity, as --calib; default: bundled corpus"
     )
-    p.add_argument("--max-tokens", type=int, default=65_536, metavar="N", help="tokens of --data used (default 65536)")
-    p.add_argument("--seq-len", type=int, default=2048, metavar="L", help="window length (default 2048)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=EVAL_MAX_TOKENS,
+        metavar="N",
+        help=f"tokens of --data used (default {EVAL_MAX_TOKENS})",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=EVAL_SEQ_LEN, metavar="L", help=f"window length (default {EVAL_SEQ_LEN})"
+    )
     p.add_argument(
         "--tasks", nargs="+", default=[], metavar="TASK", help="zero-shot tasks through lm-eval ('paper' = all eight)"
     )

@@ -19,6 +19,7 @@ from transformers import AutoConfig
 
 from moemerge.calibration import check_calibration_size, check_spec, load_calibration
 from moemerge.checkpoint import inspect_source, load_source
+from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, EVAL_MAX_TOKENS, EVAL_SEQ_LEN
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.evaluate import check_evaluation, check_tokenizer_for_tasks, evaluation_windows, measure
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, check_linkage
@@ -105,16 +106,16 @@ def compare(
     methods: list[str],
     experts: list[int],
     data: str | None = None,
-    max_tokens: int = 65_536,
-    seq_len: int = 2048,
+    max_tokens: int = EVAL_MAX_TOKENS,
+    seq_len: int = EVAL_SEQ_LEN,
     tasks: tuple[str, ...] = (),
     limit: int | None = None,
     tasks_source: str = "local",
     batch_size: int = 8,
     router: str = "reduce",
     calib: str | None = None,
-    calib_samples: int = 32,
-    calib_seq_len: int = 2048,
+    calib_samples: int = CALIB_SAMPLES,
+    calib_seq_len: int = CALIB_SEQ_LEN,
     dtype: str = "auto",
     device: str = "cpu",
     seed: int = 0,

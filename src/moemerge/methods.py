@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from moemerge.defaults import OPRUNE_BUDGET
 from moemerge.grouping import (
     SoftGroups,
     expert_features,
@@ -50,7 +51,7 @@ class MethodOptions:
     cluster: str = "hierarchical"
     linkage: str = "average"
     kmeans_init: str = "first"
-    oprune_budget: int = 100_000
+    oprune_budget: int = OPRUNE_BUDGET
     seed: int = 0
 
 

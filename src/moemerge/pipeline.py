@@ -33,6 +33,7 @@ from moemerge.checkpoint.source import (
     stored_expert_counts,
 )
 from moemerge.checkpoint.writer import copied_files
+from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, OPRUNE_BUDGET
 from moemerge.distributed import barrier, is_writer
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, SoftGroups, check_linkage, layer_budgets
@@ -114,7 +115,7 @@ def plan_groups(
     method: str = "hc-smoe",
     linkage: str = "average",
     router: str = "reduce",
-    oprune_budget: int = 100_000,
+    oprune_budget: int = OPRUNE_BUDGET,
     seed: int = 0,
     options: MethodOptions | None = None,
     budget: str = "uniform",
@@ -425,11 +426,11 @@ def prepare(
     param_budget: float | None = None,
     router: str = "reduce",
     router_rows: str = "lse",
-    oprune_budget: int = 100_000,
+    oprune_budget: int = OPRUNE_BUDGET,
     budget: str = "uniform",
     calib: str | None = None,
-    calib_samples: int = 32,
-    calib_seq_len: int = 2048,
+    calib_samples: int = CALIB_SAMPLES,
+    calib_seq_len: int = CALIB_SEQ_LEN,
     device: str = "cpu",
     dtype: str = "auto",
     seed: int = 0,

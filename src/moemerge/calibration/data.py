@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN
 from moemerge.errors import MoemergeError
 from moemerge.input_files import file_kind
 
@@ -54,8 +55,8 @@ class CalibrationSet:
 def load_calibration(
     spec: str | None,
     tokenizer,
-    samples: int = 32,
-    seq_len: int = 2048,
+    samples: int = CALIB_SAMPLES,
+    seq_len: int = CALIB_SEQ_LEN,
     seed: int = 0,
     vocab_size: int | None = None,
     context: int | None = None,

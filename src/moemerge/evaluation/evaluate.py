@@ -13,6 +13,7 @@ from moemerge.checkpoint.identity import config_sha256, weights_sha256
 from moemerge.checkpoint.loader import load_model
 from moemerge.checkpoint.model_files import read_record
 from moemerge.checkpoint.source import has_tokenizer, load_tokenizer
+from moemerge.defaults import EVAL_MAX_TOKENS, EVAL_SEQ_LEN
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.cluster_quality import cluster_quality, group_labels
 from moemerge.evaluation.cost import bytes_on_disk, measure_in_fresh_process, parameter_counts
@@ -26,8 +27,8 @@ def evaluate(
     model: str | Path,
     reference: str | Path | None = None,
     data: str | None = None,
-    max_tokens: int = 65_536,
-    seq_len: int = 2048,
+    max_tokens: int = EVAL_MAX_TOKENS,
+    seq_len: int = EVAL_SEQ_LEN,
     tasks: tuple[str, ...] = (),
     limit: int | None = None,
     tasks_source: str = "local",

@@ -10,6 +10,7 @@ from transformers import AutoConfig
 from moemerge.calibration import check_calibration_size, check_spec, load_calibration
 from moemerge.checkpoint import inspect_source, load_source
 from moemerge.checkpoint.source import load_tokenizer
+from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN
 from moemerge.errors import MoemergeError
 from moemerge.evaluation.cost import parameter_counts
 from moemerge.output_files import atomic_output, check_output
@@ -52,8 +53,8 @@ def inspect(
     model: str | Path,
     out: str | Path,
     calib: list[str | None] | None = None,
-    calib_samples: int = 32,
-    calib_seq_len: int = 2048,
+    calib_samples: int = CALIB_SAMPLES,
+    calib_seq_len: int = CALIB_SEQ_LEN,
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "auto",
