@@ -185,8 +185,11 @@ def reduce_streaming(
                 hidden, calls = stream.inputs({s: sequences[s] for s in mine})
             if start:
                 hidden = {s: h.to(stream.device) for s, h in state.load_hidden(start, rank_id).items()}
-        for layer, record in state.state["layers"].items():
-            views[int(layer)].keep_first(len(record["groups"]))  # shapes only (meta)
+        done = {int(layer): record for layer, record in state.state["layers"].items()}  # same on every process
+        reduced = {layer: record["groups"] for layer, record in done.items()}
+        saved_params = sum(record["saved"] for record in done.values())
+        for layer, groups in reduced.items():
+            views[layer].keep_first(len(groups))  # shapes only (meta)
 
         needs = statistics_needs([(o["method"], method_options_of(o), o["merge"], o["router_rows"])])
         total = run.calibration.num_tokens
@@ -238,6 +241,7 @@ def reduce_streaming(
                             outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
                         if not two_pass:
                             hidden = outputs
+                        reduced[i], saved_params = groups, saved_params + saved
                         if is_writer():
                             state.save_layer(i, groups, stats, router, factors, saved)
                     to_storage(layer, stored)
@@ -262,20 +266,19 @@ def reduce_streaming(
                 publish(state.partial, out.absolute(), force)
     barrier()
     skel.tie_weights()  # moving the embeddings to meta untied a tied output head; count it once
-    meta = _read_json(out / "moemerge.json")
-    groups = {int(entry["layer"]): entry["groups"] for entry in meta["layers"]}
+    params_after = sum(p.numel() for p in skel.parameters())
     return ReduceResult(
         out=out,
-        groups=groups,
+        groups=dict(sorted(reduced.items())),
         num_experts=family.num_experts(config),
         experts=run.r,
         params_before=params_before,
-        params_after=sum(p.numel() for p in skel.parameters()),
+        params_after=params_after,
         bytes_before=sum(f.stat().st_size for f in run.source.weight_files),
         bytes_after=sum(f.stat().st_size for f in out.glob("*.safetensors")),
         calibration_tokens=total,
         seconds=time.perf_counter() - run.start,
-        stored_params=meta.get("compression", {}).get("stored_parameters"),
+        stored_params=params_after - saved_params if o["method"] in COMPRESSING_METHODS else None,
     )
 
 
@@ -346,7 +349,3 @@ def _drop_joined_shards(folder: Path, shards: int) -> None:
     if (folder / "model.safetensors").exists():
         for number in range(1, shards + 1):
             (folder / _shard(number, shards)).unlink(missing_ok=True)
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
