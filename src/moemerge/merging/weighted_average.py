@@ -85,10 +85,14 @@ def merge_experts(
         acc = [torch.zeros(w.shape[1:], dtype=torch.float64, device=w.device) for w in (gate, up, down)]
         mass = torch.zeros(size, dtype=torch.float64, device=gate.device)
         for m, (expert, alpha) in enumerate(zip(group, alphas.tolist(), strict=True)):
-            into = torch.arange(size, device=gate.device) if unit is None else unit[m].to(gate.device)
-            acc[0].index_add_(0, into, alpha * gate[expert].double())
-            acc[1].index_add_(0, into, alpha * up[expert].double())
-            acc[2].index_add_(1, into, alpha * down[expert].double())
+            parts = [w[expert].to(torch.float64).mul_(alpha) for w in (gate, up, down)]  # alpha * w, one buffer each
+            if unit is None:  # identity units: the plain weighted sum
+                for total, part in zip(acc, parts, strict=True):
+                    total += part
+                continue
+            into = unit[m].to(gate.device)
+            for total, part, dim in zip(acc, parts, (0, 0, 1), strict=True):
+                total.index_add_(dim, into, part)
             mass.index_add_(0, into, torch.full((size,), alpha, dtype=torch.float64, device=gate.device))
         if unit is not None:  # identity units have mass sum(a) = 1: no division, so copies merge bit for bit
             acc[0] /= mass[:, None]

@@ -186,9 +186,14 @@ class LayerAccumulator:
             for sums in gather_in_order(local):
                 self.add(sums)
             self.pending = []
-        down = self.view.block.experts.down_proj.double()
+        down = self.view.block.experts.down_proj
         act_mean = (self.act_sum / self.total_tokens).to(down.device)
-        mean_output = torch.einsum("nhi,ni->nh", down, act_mean).float().cpu()
+        step = max(1, CHUNK_BYTES // (down[0].numel() * 8))  # experts per float64 copy of down_proj
+        means = [
+            torch.einsum("nhi,ni->nh", down[a : a + step].double(), act_mean[a : a + step])
+            for a in range(0, len(down), step)
+        ]
+        mean_output = torch.cat(means).float().cpu()
         bias = self.view.selection_bias
         stats = LayerStatistics(
             self.view.layer,
