@@ -98,8 +98,8 @@ def layer_statistics(
 
 
 def statistics_layer_by_layer(run, progress: bool = True) -> dict[int, LayerStatistics]:
-    """The statistics of every MoE layer that grouping needs (not merging: no router samples for it) for a
-    :func:`moemerge.pipeline.prepare` d run (``load=False``), one decoder layer in memory at a time."""
+    """The statistics of every MoE layer that grouping needs (not merging: no router samples for it) for a run
+    prepared by :func:`moemerge.pipeline.prepare` with ``load=False``, one decoder layer in memory at a time."""
     o = run.options
     stream = LayerStream(run.source, run.config, o["dtype"], o["device"])
     views = {view.layer: view for view in run.source.family.moe_layers(stream.skeleton)}
