@@ -549,3 +549,22 @@ def test_cli_budget_output_as_source(work, tmp_path, capfd):
     argv[1] = source
     code, _, err = run(argv, capfd)
     assert "budget" in assert_clean_error(code, err, out)
+
+
+def test_bf16_rows_on_a_cpu_without_bf16_measure_the_model_reduce_writes(work, tmp_path, monkeypatch):
+    """A bf16 checkpoint on a CPU without native bf16 (detection forced): the grid computes in float32, but each
+    row measures the reduced weights rounded to bf16, as reduce writes them. Oracle: the reduce output, loaded in
+    float32, through the float64 loss loop (measuring the unrounded merge misses it by about 2e-6)."""
+    from moemerge import precision
+
+    monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: frozenset({torch.float32}))
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(work["src"], dtype=torch.bfloat16).save_pretrained(bf16)
+    for file in work["src"].glob("tokenizer*"):
+        (bf16 / file.name).write_bytes(file.read_bytes())
+    rows = grid({**work, "src": bf16}, tmp_path / "grid", ["hc-smoe"], experts=[5])
+    out = reduce_to_disk({**work, "src": bf16}, tmp_path / "reduced", 5)
+    stored = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in stored.parameters())
+    expected = oracle_perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), work["chunks"])
+    assert rows[1]["perplexity"] == pytest.approx(expected, rel=PPL_REL)
