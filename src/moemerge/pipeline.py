@@ -66,6 +66,8 @@ ROUTER_MODES = ("reduce", "grouped")
 ROUTER_SAMPLE_TOKENS = 8192
 OUTPUT_SAMPLE_TOKENS = 512
 DEFAULT_SPARSITY = 0.9  # MC-SMoE: share of each compressed matrix's low-rank residual set to zero
+# the LayerStatistics field [n] a non-uniform budget shares the experts by
+BUDGET_SCORES = {"frequency": "counts", "probability": "prob_sum"}
 NOT_OPTIONS = ("model", "out", "force", "allow_pickle", "progress", "load")  # prepare's arguments a recipe omits
 
 
@@ -152,14 +154,8 @@ def experts_per_layer(
     check_budget(family, config, r, budget, router)
     if budget == "uniform":
         return dict.fromkeys(stats, r)
-    score = {layer: budget_score(s, budget) for layer, s in stats.items()}
+    score = {layer: getattr(s, BUDGET_SCORES[budget]) for layer, s in stats.items()}
     return layer_budgets(score, r, family.routing_rule(config).top_k)
-
-
-def budget_score(stats: LayerStatistics, budget: str) -> torch.Tensor:
-    """[n] what a non-uniform ``budget`` shares the experts by: routed counts ("frequency"), else router
-    probability sums."""
-    return stats.counts if budget == "frequency" else stats.prob_sum
 
 
 def check_budget(family: MoEFamily, config, r: int, budget: str, router: str = "reduce") -> None:

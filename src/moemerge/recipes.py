@@ -42,8 +42,8 @@ from moemerge.pipeline import (
     prepare,
     write_reduced,
 )
-from moemerge.streaming import reduce_streaming
 from moemerge.streaming.calibrate import statistics_layer_by_layer
+from moemerge.streaming.driver import reduce_prepared
 
 SCHEMA = "moemerge.recipe/1"
 
@@ -113,9 +113,9 @@ def apply_recipe(
             f"the calibration tokens of {content['calibration']['spec']} differ from those {recipe} was planned on "
             "(the text or the tokenizer changed); give the same calibration text or plan again"
         )
-    common = dict(force=force, allow_pickle=allow_pickle, progress=progress, report=report)
+    common = dict(force=force, progress=progress, report=report)
     if not whole:
-        return reduce_streaming(model, out, resume=resume, planned=groups, **common, **options)
+        return reduce_prepared(run, out, resume=resume, planned=groups, **common)
     if resume:
         raise MoemergeError(f"--resume works one decoder layer at a time, but {model} holds pickle weights; drop it")
     if sorted(groups) != sorted(run.stats):

@@ -38,10 +38,11 @@ from moemerge.grouping import layer_budgets
 from moemerge.methods import COMPRESSING_METHODS
 from moemerge.output_files import clear_stale, publish, writing
 from moemerge.pipeline import (
+    BUDGET_SCORES,
     LOWRANK_FILE,
     SIDECAR,
+    Prepared,
     ReduceResult,
-    budget_score,
     compress_experts,
     compression_rank,
     compression_record,
@@ -130,6 +131,21 @@ def reduce_streaming(
     instead of grouping it.
     """
     run = prepare(model, out, force=force, progress=progress, load=False, **options)
+    return reduce_prepared(run, out, sequential, resume, force, progress, report, planned)
+
+
+@torch.no_grad()
+def reduce_prepared(
+    run: Prepared,
+    out: str | Path,
+    sequential: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    planned: dict[int, list[list[int]]] | None = None,
+) -> ReduceResult:
+    """:func:`reduce_streaming` of a run already prepared with ``load=False`` (its options and ``out`` checked)."""
     o, family, config = run.options, run.source.family, run.config
     if run.source.uses_pickle:
         raise MoemergeError(
@@ -205,8 +221,9 @@ def reduce_streaming(
                     kept = _budget_counts(state, views, routing, run.r, o["budget"])
                 with stream.layer(i) as (layer, stored):
                     view = views.get(i)
+                    forward = not (merging and two_pass)  # the calibration tokens go through this layer
                     if view is None:
-                        if hidden is not None and not (merging and two_pass):
+                        if forward:
                             hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
                     elif not merging:
                         stats, hidden = collect(layer, view, i, hidden, calls, total, offsets, needs)
@@ -249,7 +266,7 @@ def reduce_streaming(
                         save_file(
                             layer_tensors(skel, i), state.partial / _shard(i + 1, shards), metadata={"format": "pt"}
                         )
-                    if not (merging and two_pass):
+                    if forward:
                         state.save_hidden(step + 1, rank_id, hidden)
                     barrier()
                     if is_writer():
@@ -283,9 +300,9 @@ def reduce_streaming(
 
 
 def _budget_counts(state: RunState, views: dict, routing, r: int, budget: str) -> dict[int, int]:
-    """Experts kept per MoE layer under a non-uniform ``budget``, from the statistics pass's records (read one
-    layer at a time)."""
-    scores = {layer: budget_score(state.load_statistics(layer, routing), budget) for layer in sorted(views)}
+    """Experts kept per MoE layer under a non-uniform ``budget``, from the one statistic of the statistics pass's
+    records that it shares the experts by."""
+    scores = {layer: state.load_statistic(layer, BUDGET_SCORES[budget]) for layer in sorted(views)}
     return layer_budgets(scores, r, routing.top_k)
 
 

@@ -82,14 +82,22 @@ class RunState:
 
     def load_statistics(self, layer: int, routing) -> LayerStatistics:
         """What :meth:`save_statistics` recorded of ``layer``, with the layer's routing rule."""
+        tensors, num_tokens = self._read_statistics(layer, None)
+        return LayerStatistics(layer=layer, num_tokens=num_tokens, routing=routing, **tensors)
+
+    def load_statistic(self, layer: int, name: str) -> torch.Tensor:
+        """The one statistic ``name`` (a field of LayerStatistics) :meth:`save_statistics` recorded of ``layer``."""
+        return self._read_statistics(layer, name)[0][name]
+
+    def _read_statistics(self, layer: int, only: str | None) -> tuple[dict[str, torch.Tensor], int]:
+        """({name: tensor} of ``layer``'s statistics file, all or ``only`` that one; its token count)."""
         file = self.dir / f"stats-{layer}.safetensors"
         try:
             with safe_open(file, framework="pt") as f:
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
-                num_tokens = int(f.metadata()["num_tokens"])
+                names = [only] if only is not None else list(f.keys())
+                return {name: f.get_tensor(name) for name in names}, int(f.metadata()["num_tokens"])
         except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
             raise _damaged(self.partial, f"{file} cannot be read ({err})") from None
-        return LayerStatistics(layer=layer, num_tokens=num_tokens, routing=routing, **tensors)
 
     def save_layer(
         self,
