@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
@@ -169,6 +170,15 @@ def save_tiny(family: str, path: Path, seed: int = 0, tokenizer: bool = True, **
     if tokenizer:
         for file in TOKENIZER_DIR.glob("tokenizer*"):
             shutil.copyfile(file, path / file.name)
+    return path
+
+
+def pickle_copy(source: Path, path: Path) -> Path:
+    """A copy of the single-file checkpoint ``source`` in ``path`` with its weights as pickle (pytorch_model.bin,
+    the same tensors); returns ``path``."""
+    shutil.copytree(source, path)
+    (path / "model.safetensors").unlink()
+    torch.save(load_file(source / "model.safetensors"), path / "pytorch_model.bin")
     return path
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import EXPERT_FIELD, FAMILIES, save_tiny, tiny_model
+from conftest import EXPERT_FIELD, FAMILIES, pickle_copy, save_tiny, tiny_model
 from conftest import run_cli as run
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from moemerge import pipeline
@@ -232,9 +231,7 @@ def test_force_with_bad_input_keeps_old_output(tmp_path, capfd, src):
 def test_failed_write_leaves_no_trace(tmp_path, capfd, src, calib, monkeypatch, failure):
     """A whole-model write (pickle weights; safetensors are reduced layer by layer, see test_output_safety.py) that
     fails leaves no output and no partial directory, and an old output stays whole."""
-    pickled = shutil.copytree(src, tmp_path / "pickled")
-    (pickled / "model.safetensors").unlink()
-    torch.save(load_file(src / "model.safetensors"), pickled / "pytorch_model.bin")
+    pickled = pickle_copy(src, tmp_path / "pickled")
 
     def write_then_fail(model, source_dir, out_dir, *args, **kwargs):
         (out_dir / "model.safetensors").write_bytes(b"half written")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, run_cli, save_tiny, tiny_config
+from conftest import FAMILIES, pickle_copy, run_cli, save_tiny, tiny_config
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -510,9 +510,7 @@ def test_any_exception_from_transformers_is_one_line(tmp_path, capfd, src, monke
 
     model, extra = src, []
     if where.endswith("source"):
-        model, extra = copy_model(src, tmp_path / "pickled"), ["--allow-pickle"]
-        (model / "model.safetensors").unlink()
-        torch.save(load_file(src / "model.safetensors"), model / "pytorch_model.bin")
+        model, extra = pickle_copy(src, tmp_path / "pickled"), ["--allow-pickle"]
     monkeypatch.setattr(f"{where}.AutoModelForCausalLM", Broken)
     out = tmp_path / "out"
     code, _, err = run_cli(["reduce", model, "--out", out, "--experts", "4", *SMALL, "--quiet", *extra], capfd)
@@ -689,10 +687,7 @@ def test_every_weight_loading_command_accepts_allow_pickle(argv):
 
 
 def test_eval_runs_pickle_weights_with_allow_pickle(tmp_path, capfd, src, calib):
-    model = copy_model(src, tmp_path / "model")
-    tensors = load_file(model / "model.safetensors")
-    (model / "model.safetensors").unlink()
-    torch.save(tensors, model / "pytorch_model.bin")
+    model = pickle_copy(src, tmp_path / "model")
     argv = ["eval", model, "--data", calib, "--max-tokens", "64", "--seq-len", "32", "--no-cost", "--json"]
     code, _, err = run_cli(argv, capfd)
     assert "--allow-pickle" in clean_error(code, err)

@@ -16,10 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import run_cli, save_tiny
+from conftest import pickle_copy, run_cli, save_tiny
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from moemerge import output_files, pipeline
 from moemerge.checkpoint import writer
@@ -47,11 +45,7 @@ def calib(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pickled(tmp_path_factory, src) -> Path:
     """``src`` with pickle weights, which reduce loads whole (the whole-model writer; safetensors stream)."""
-    folder = tmp_path_factory.mktemp("pickled") / "mixtral"
-    shutil.copytree(src, folder)
-    (folder / "model.safetensors").unlink()
-    torch.save(load_file(src / "model.safetensors"), folder / "pytorch_model.bin")
-    return folder
+    return pickle_copy(src, tmp_path_factory.mktemp("pickled") / "mixtral")
 
 
 def writing_run(command: str, src: Path, calib: Path, pickled: Path) -> list:

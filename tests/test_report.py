@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, save_tiny
+from conftest import FAMILIES, pickle_copy, save_tiny
 from PIL import Image
 from scipy.spatial.distance import pdist
 from test_cli import SMALL_CALIB, TEXT, assert_clean_error, run
@@ -161,12 +161,7 @@ def test_inspect_of_pickle_weights_loads_the_whole_model_to_the_same_report(tmp_
     """Pickle weights cannot be read one layer at a time: inspect loads them whole, and its report (every file) and
     result equal the layer-by-layer inspect of the same weights in safetensors."""
     src = save_tiny("olmoe", tmp_path / "safetensors")
-    pickled = tmp_path / "pickle"
-    pickled.mkdir()
-    for file in src.iterdir():
-        if file.suffix != ".safetensors":
-            (pickled / file.name).write_bytes(file.read_bytes())
-    torch.save(AutoModelForCausalLM.from_pretrained(src).state_dict(), pickled / "pytorch_model.bin")
+    pickled = pickle_copy(src, tmp_path / "pickle")
     results, files = {}, {}
     for name, model in (("layers", src), ("whole", pickled)):
         argv = ["inspect", model, "--calib", *calib_files, *SMALL_CALIB, "--out", tmp_path / name, "--json"]

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import torch
-from conftest import save_tiny
-from safetensors.torch import load_file
+from conftest import pickle_copy, save_tiny
 from test_streaming import all_files
 
 from moemerge.cli import main
@@ -62,9 +60,7 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     runs, keys = [], []
     for layers in (2, 8):
         source = save_tiny("mixtral", tmp_path / f"src{layers}", num_hidden_layers=layers, **shape)
-        pickled = shutil.copytree(source, tmp_path / f"pickle{layers}")
-        (pickled / "model.safetensors").unlink()
-        torch.save(load_file(source / "model.safetensors"), pickled / "pytorch_model.bin")
+        pickled = pickle_copy(source, tmp_path / f"pickle{layers}")
         options = ["--experts", "8", "--calib-samples", "2", "--calib-seq-len", "32", "--quiet"]
         recipe = tmp_path / f"plan{layers}.json"
         runs += [
