@@ -52,8 +52,12 @@ def peak_rss_kib(runs: list[list]) -> list[int]:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+COMMANDS = ("reduce", "plan", "apply", "inspect", "eval", "compare")
+
+
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
-    """Peak RSS of `reduce`, `plan`, `apply` and `inspect` of an 8-layer model is within 1.2x of the 2-layer one
+    """Peak RSS of `reduce`, `plan`, `apply`, `inspect`, `eval` (of the reduce output, against the source) and
+    `compare` of an 8-layer model is within 1.2x of the 2-layer one
     (same layer shape, 25 MB of experts per layer). Control: `reduce` of the same weights as pickle, which it
     loads whole, exceeds 1.2x on the same pair, so the bound is not trivially met."""
     shape = dict(hidden_size=128, intermediate_size=1024, num_experts=16)
@@ -62,17 +66,31 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
         source = save_tiny("mixtral", tmp_path / f"src{layers}", num_hidden_layers=layers, **shape)
         pickled = pickle_copy(source, tmp_path / f"pickle{layers}")
         options = ["--experts", "8", "--calib-samples", "2", "--calib-seq-len", "32", "--quiet"]
+        evaluation = ["--max-tokens", "128", "--seq-len", "64", "--quiet"]
         recipe = tmp_path / f"plan{layers}.json"
         runs += [
             ["reduce", source, *options, "--no-report", "--out", tmp_path / f"out{layers}"],
             ["plan", source, *options, "--out", recipe],
             ["apply", recipe, source, "--quiet", "--no-report", "--out", tmp_path / f"apply{layers}"],
             ["inspect", source, *options[2:], "--out", tmp_path / f"inspect{layers}"],
+            ["eval", tmp_path / f"out{layers}", "--reference", source, *evaluation, "--no-cost"],
+            [
+                "compare",
+                source,
+                "--methods",
+                "hc-smoe",
+                "--experts",
+                "8",
+                *options[2:],
+                *evaluation,
+                "--out",
+                tmp_path / f"compare{layers}",
+            ],
             ["reduce", pickled, *options, "--no-report", "--allow-pickle", "--out", tmp_path / f"whole{layers}"],
         ]
-        keys += [(command, layers) for command in ("reduce", "plan", "apply", "inspect", "whole")]
+        keys += [(command, layers) for command in (*COMMANDS, "whole")]
     peaks = dict(zip(keys, peak_rss_kib(runs), strict=True))
-    for command in ("reduce", "plan", "apply", "inspect"):
+    for command in COMMANDS:
         assert peaks[command, 8] <= 1.2 * peaks[command, 2], (command, peaks)
     assert peaks["whole", 8] > 1.2 * peaks["whole", 2], peaks
 

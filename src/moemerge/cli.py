@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model directory: an original, or a moemerge output of either router mode")
     e.add_argument("--reference", metavar="ORIGINAL", help="the original model: adds fidelity and cluster quality")
     _evaluation_options(e)
-    e.add_argument("--no-cost", action="store_true", help="skip the memory and speed measurement")
+    e.add_argument(
+        "--no-cost",
+        action="store_true",
+        help="skip the memory and speed measurement (a process that loads the whole model; the rest reads one layer "
+        "at a time)",
+    )
     _pickle_option(e)
     e.add_argument("--out", metavar="FILE", help="write the results as JSON (never overwritten without --force)")
     e.add_argument("--force", action="store_true", help="replace an existing --out file")

@@ -11,17 +11,26 @@ from __future__ import annotations
 import copy
 import csv
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from transformers import AutoConfig
 
+from moemerge.adapters import MoELayerView
 from moemerge.calibration import check_calibration_size, check_spec, load_calibration
 from moemerge.checkpoint import inspect_source, load_source
+from moemerge.checkpoint.source import load_tokenizer
 from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, EVAL_MAX_TOKENS, EVAL_SEQ_LEN
 from moemerge.errors import MoemergeError
-from moemerge.evaluation.evaluate import check_evaluation, check_tokenizer_for_tasks, evaluation_windows, measure
+from moemerge.evaluation.evaluate import (
+    check_evaluation,
+    check_tokenizer_for_tasks,
+    evaluation_windows,
+    measure,
+    whole_model_reason,
+)
 from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, check_linkage
 from moemerge.methods import (
     COMPRESSING_METHODS,
@@ -37,14 +46,18 @@ from moemerge.pipeline import (
     check_uniform_source,
     compress_experts,
     compression_rank,
+    merge_layer,
     plan_groups,
     statistics_needs,
     target_experts,
 )
 from moemerge.precision import compute_in_fastest, to_compute, to_storage
+from moemerge.progress import log, phase
 from moemerge.registry import check_choice, resolve
 from moemerge.routing.grouped import install_grouped_routers
 from moemerge.statistics import collect_statistics
+from moemerge.streaming.calibrate import LayerStream, layer_statistics
+from moemerge.streaming.measure import Candidate, measure_layer_by_layer
 
 
 @dataclass(frozen=True)
@@ -145,28 +158,20 @@ def compare(
         target_experts(n, r, None)
         for v in variants:
             check_budget(source.family, config, r, v.budget, router)
-    loaded, tokenizer = load_source(source, dtype=dtype, device=device)
-    stored = compute_in_fastest(loaded)
+    calibrating = (calib, calib_samples, calib_seq_len, seed)
+    windows = (data, max_tokens, seq_len)
+    whole = whole_model_reason([source], tasks)
     with atomic_output(out, force) as tmp:
-        layers = source.family.moe_layers(loaded)
-        vocab = loaded.get_input_embeddings().num_embeddings
-        calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
-        text, _, chunks = evaluation_windows(loaded, tokenizer, data, max_tokens, seq_len)
-        needs = statistics_needs([(v.method, v.options, v.merge, v.router_rows) for v in variants])
-        stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
-        evaluation = (tasks, limit, tasks_source, batch_size)
-        baseline = measure(loaded, tokenizer, source.family, chunks, None, *evaluation)
-        rows = [row_of("original", n, n, [n] * len(layers), baseline, sum(p.numel() for p in loaded.parameters()), 0)]
-        for r in experts:
-            for variant in variants:
-                start = time.perf_counter()
-                reduced, groups = reduce_variant(loaded, source.family, config, stats, variant, r, router, stored)
-                seconds = time.perf_counter() - start
-                result = measure(reduced, tokenizer, source.family, chunks, loaded, *evaluation, False)
-                counts = [len(groups[view.layer]) for view in layers]
-                params = sum(p.numel() for p in reduced.parameters())
-                rows.append(row_of(variant.spec, r, n, counts, result, params, seconds))
-                del reduced
+        if whole is None:
+            rows, text = _grid_layer_by_layer(
+                source, config, variants, experts, router, calibrating, windows, dtype, device, progress
+            )
+        else:
+            log.info("%s: loading the whole model", whole)
+            evaluation = (tasks, limit, tasks_source, batch_size)
+            rows, text = _grid_whole(
+                source, config, variants, experts, router, calibrating, windows, evaluation, dtype, device, progress
+            )
         write_csv(rows, tmp / "results.csv")
         (tmp / "results.md").write_text(
             markdown_table(rows, model, text.spec, text.num_tokens, router), encoding="utf-8"
@@ -175,6 +180,101 @@ def compare(
         if "average_accuracy" in rows[0]:
             plot(rows, "average_accuracy", "average zero-shot accuracy", tmp / "accuracy.png")
     return rows
+
+
+def _grid_layer_by_layer(source, config, variants, experts, router, calibrating, windows, dtype, device, progress):
+    """(the grid's rows, the evaluation tokens), reading the model one decoder layer at a time: one pass collects
+    the calibration statistics, a second measures the original and every cell, each cell's layer reduced from the
+    original's as the pass reaches it (:mod:`moemerge.streaming.measure`)."""
+    family, n = source.family, source.family.num_experts(config)
+    stream = LayerStream(source, config, dtype, device)
+    tokenizer = load_tokenizer(source)
+    vocab = stream.skeleton.get_input_embeddings().num_embeddings
+    calib, calib_samples, calib_seq_len, seed = calibrating
+    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
+    text, _, chunks = evaluation_windows(stream.skeleton, tokenizer, *windows)
+    needs = statistics_needs([(v.method, v.options, v.merge, v.router_rows) for v in variants])
+    with phase(f"statistics of {len(stream.views)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
+        stats = layer_statistics(stream, stream.views, [calibration.sequences], needs, progress)[0]
+    cells, timing = {}, {}
+    for r in experts:
+        for variant in variants:
+            start = time.perf_counter()
+            groups = plan_groups(
+                stats, family, config, r, variant.method, router=router, options=variant.options, budget=variant.budget
+            )
+            cell = ReducedLayers(stream, stats, groups, variant, router)
+            cells[variant.spec, r] = Candidate(layer=cell.make)
+            timing[variant.spec, r] = (cell, time.perf_counter() - start)
+    with phase(f"measuring the original and {len(cells)} reductions, one decoder layer at a time"):
+        original, measured, _ = measure_layer_by_layer(stream, family, chunks, cells, progress=progress)
+    rows = [row_of("original", n, n, [n] * len(stream.views), original, original["parameters"], 0)]
+    for (spec, r), result in measured.items():
+        cell, planning = timing[spec, r]
+        counts = [len(cell.groups[layer]) for layer in sorted(stream.views)]
+        rows.append(row_of(spec, r, n, counts, result, result["parameters"], planning + cell.seconds))
+    return rows, text
+
+
+def _grid_whole(source, config, variants, experts, router, calibrating, windows, evaluation, dtype, device, progress):
+    """(the grid's rows, the evaluation tokens), the model loaded whole and each cell a reduced copy of it."""
+    family, n = source.family, source.family.num_experts(config)
+    loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+    stored = compute_in_fastest(loaded)
+    layers = family.moe_layers(loaded)
+    vocab = loaded.get_input_embeddings().num_embeddings
+    calib, calib_samples, calib_seq_len, seed = calibrating
+    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
+    text, _, chunks = evaluation_windows(loaded, tokenizer, *windows)
+    needs = statistics_needs([(v.method, v.options, v.merge, v.router_rows) for v in variants])
+    stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
+    baseline = measure(loaded, tokenizer, family, chunks, None, *evaluation)
+    rows = [row_of("original", n, n, [n] * len(layers), baseline, sum(p.numel() for p in loaded.parameters()), 0)]
+    for r in experts:
+        for variant in variants:
+            start = time.perf_counter()
+            reduced, groups = reduce_variant(loaded, family, config, stats, variant, r, router, stored)
+            seconds = time.perf_counter() - start
+            result = measure(reduced, tokenizer, family, chunks, loaded, *evaluation, False)
+            counts = [len(groups[view.layer]) for view in layers]
+            params = sum(p.numel() for p in reduced.parameters())
+            rows.append(row_of(variant.spec, r, n, counts, result, params, seconds))
+            del reduced
+    return rows, text
+
+
+class ReducedLayers:
+    """A compare cell read one decoder layer at a time: each MoE layer a copy of the original's reduced to its
+    groups, as :func:`reduce_variant` reduces the whole model (merged, rounded to the stored dtypes, compressed for
+    mc-smoe, the ``router`` mode installed); :meth:`make` is a :data:`moemerge.streaming.measure.LayerMaker`.
+    ``seconds``: the time spent reducing so far."""
+
+    def __init__(self, stream: LayerStream, stats: dict, groups: dict, variant: Variant, router: str):
+        self.stream, self.stats, self.groups, self.variant, self.router = stream, stats, groups, variant, router
+        self.seconds = 0.0
+
+    @contextmanager
+    def make(self, index: int, original, stored: dict):
+        """(a reduced copy of the original decoder layer ``index``, its MoE block or None)."""
+        view = self.stream.views.get(index)
+        if view is None:
+            yield original, None
+            return
+        start = time.perf_counter()
+        layer = copy.deepcopy(original)
+        path = next(name for name, module in original.named_modules() if module is view.block)
+        own = MoELayerView(index, layer.get_submodule(path), view.routing)
+        v, groups = self.variant, self.groups[index]
+        router = merge_layer(own, groups, self.stats[index], v.merge, v.router_rows, v.align)
+        to_storage(layer, stored)
+        if v.method in COMPRESSING_METHODS:
+            compress_experts([own], compression_rank(own, None, DEFAULT_SPARSITY, None), DEFAULT_SPARSITY)
+        to_compute(layer, self.stream.compute)
+        if self.router == "grouped":
+            top_k = self.stream.family.routing_rule(self.stream.skeleton.config).top_k
+            install_grouped_routers([own], {index: router}, {index: groups}, top_k)
+        self.seconds += time.perf_counter() - start
+        yield layer, own.block
 
 
 def reduce_variant(

@@ -21,16 +21,24 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", allow
     """
     source = inspect_source(path, allow_pickle=allow_pickle)
     model, _ = load_source(source, dtype=dtype, device=device)
-    meta = read_record(source.path)
-    if meta is None:
-        return model
-    if meta["router"] == "grouped":
-        tensors = load_file(source.path / SIDECAR)
-        layers = [entry["layer"] for entry in meta["layers"]]
-        routers = {
-            layer: (tensors[f"layers.{layer}.weight"], tensors.get(f"layers.{layer}.e_score_correction_bias"))
-            for layer in layers
-        }
-        groups = {entry["layer"]: entry["groups"] for entry in meta["layers"]}
-        install_grouped_routers(source.family.moe_layers(model), routers, groups, meta["source"]["top_k"])
+    grouped = grouped_routers(source)
+    if grouped is not None:
+        install_grouped_routers(source.family.moe_layers(model), *grouped)
     return model
+
+
+def grouped_routers(source) -> tuple[dict, dict, int] | None:
+    """For a ``--router grouped`` output (a checked source): (the original router of every MoE layer, weight
+    [n, H] and selection bias [n] or None; every layer's groups; top-k), the arguments of
+    :func:`moemerge.routing.grouped.install_grouped_routers` but the layers; None for other models."""
+    meta = read_record(source.path)
+    if meta is None or meta["router"] != "grouped":
+        return None
+    tensors = load_file(source.path / SIDECAR)
+    layers = [entry["layer"] for entry in meta["layers"]]
+    routers = {
+        layer: (tensors[f"layers.{layer}.weight"], tensors.get(f"layers.{layer}.e_score_correction_bias"))
+        for layer in layers
+    }
+    groups = {entry["layer"]: entry["groups"] for entry in meta["layers"]}
+    return routers, groups, meta["source"]["top_k"]

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoConfig
 
 from moemerge.calibration import check_spec, load_tokens
 from moemerge.checkpoint import inspect_source
@@ -20,7 +21,10 @@ from moemerge.evaluation.cost import bytes_on_disk, measure_in_fresh_process, pa
 from moemerge.evaluation.fidelity import fidelity
 from moemerge.evaluation.perplexity import perplexity, windows
 from moemerge.precision import compute_in_fastest
-from moemerge.statistics import collect_statistics
+from moemerge.progress import log
+from moemerge.statistics import LayerStatistics, collect_statistics
+from moemerge.streaming.calibrate import LayerStream
+from moemerge.streaming.measure import Candidate, measure_layer_by_layer
 
 
 def evaluate(
@@ -47,6 +51,10 @@ def evaluate(
     moemerge output the cluster quality of its groups on the reference's expert outputs; zero-shot
     accuracy on ``tasks`` through lm-evaluation-harness; and cost. All input is checked first, the
     ``reference`` against the source identity a moemerge output records (:func:`check_reference`).
+
+    The models are read one decoder layer at a time (:mod:`moemerge.streaming.measure`), except for zero-shot
+    tasks and pickle weights, which need the whole model in memory; the phase log says which. ``cost`` measures
+    memory and speed in a process that loads the whole model.
     """
     check_evaluation(data, max_tokens, seq_len, tasks, limit, tasks_source, batch_size)
     source = inspect_source(model, allow_pickle=allow_pickle)
@@ -55,30 +63,82 @@ def evaluate(
     if reference_source is not None:
         check_reference(source, reference_source)
     start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
-    compute_in_fastest(loaded)
     tokenizer = load_tokenizer(source)
-    text, seq_len, chunks = evaluation_windows(loaded, tokenizer, data, max_tokens, seq_len)
-    result = {
-        "model": str(model),
-        "reference": None if reference is None else str(reference),
-        "data": {"spec": text.spec, "tokens": text.num_tokens, "seq_len": seq_len, "sha256": text.sha256()},
-    }
-    original = None
-    if reference_source is not None:
-        original = load_model(reference, dtype=dtype, device=device, allow_pickle=allow_pickle)
-        compute_in_fastest(original)
-    result |= measure(loaded, tokenizer, source.family, chunks, original, tasks, limit, tasks_source, batch_size)
-    if original is not None:
-        quality = groups_quality(source.path, original, source.family, chunks, progress)
-        if quality is not None:
-            result["cluster_quality"] = quality
-        del original
+    windows = (tokenizer, data, max_tokens, seq_len)
+    whole = whole_model_reason([s for s in (source, reference_source) if s is not None], tasks)
+    if whole is None:
+        measured, costed = _layer_by_layer(source, reference_source, windows, dtype, device, progress)
+    else:
+        log.info("%s: loading the whole model", whole)
+        evaluation = (tasks, limit, tasks_source, batch_size)
+        loading = (dtype, device, allow_pickle)
+        measured, costed = _whole(source, reference_source, windows, evaluation, loading, progress)
+    result = {"model": str(model), "reference": None if reference is None else str(reference)} | measured
     if cost:
-        result["cost"] = parameter_counts(loaded, source.family) | {"bytes_on_disk": bytes_on_disk(source.path)}
+        result["cost"] = parameter_counts(costed, source.family) | {"bytes_on_disk": bytes_on_disk(source.path)}
         result["cost"] |= measure_in_fresh_process(source.path, dtype, device, allow_pickle)
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def whole_model_reason(sources: list, tasks: tuple[str, ...]) -> str | None:
+    """Why a measurement of ``sources`` (checked model folders) must load each whole model, or None when it can
+    read them one decoder layer at a time."""
+    if tasks:
+        return "zero-shot tasks run the whole model through lm-evaluation-harness"
+    pickled = [str(s.path) for s in sources if s.uses_pickle]
+    if pickled:
+        return f"{' and '.join(pickled)} hold pickle weights, which cannot be read one layer at a time"
+    return None
+
+
+def _data_record(text, seq_len: int) -> dict:
+    return {"data": {"spec": text.spec, "tokens": text.num_tokens, "seq_len": seq_len, "sha256": text.sha256()}}
+
+
+def _layer_by_layer(source, reference_source, windows: tuple, dtype: str, device: str, progress: bool):
+    """(the measurements of :func:`evaluate` but cost, the model on the meta device to count its parameters), one
+    decoder layer at a time."""
+    stream = LayerStream(source, AutoConfig.from_pretrained(source.path), dtype, device, grouped=True)
+    costed = stream.meta_model()
+    text, seq_len, chunks = evaluation_windows(stream.skeleton, *windows)
+    result = _data_record(text, seq_len)
+    if reference_source is None:
+        own, _, _ = measure_layer_by_layer(stream, source.family, chunks, {}, progress=progress)
+        return result | {"perplexity": own["perplexity"]}, costed
+    config = AutoConfig.from_pretrained(reference_source.path)
+    original = LayerStream(reference_source, config, dtype, device)
+    labels = hard_group_labels(source.path, source.family.num_experts(config))
+    model = Candidate(stream=stream)
+    ref, measured, stats = measure_layer_by_layer(
+        original, source.family, chunks, {"model": model}, statistics=labels is not None, progress=progress
+    )
+    own = measured["model"]
+    result |= {"perplexity": own["perplexity"], "reference_perplexity": ref["perplexity"], "fidelity": own["fidelity"]}
+    if labels is not None:
+        result["cluster_quality"] = groups_quality(stats, labels)
+    return result, costed
+
+
+def _whole(source, reference_source, windows: tuple, evaluation: tuple, loading: tuple, progress: bool):
+    """(the measurements of :func:`evaluate` but cost, the loaded model), each model loaded whole (``loading``:
+    :func:`moemerge.load_model`'s dtype, device and allow_pickle)."""
+    loaded = load_model(source.path, *loading)
+    compute_in_fastest(loaded)
+    text, seq_len, chunks = evaluation_windows(loaded, *windows)
+    result = _data_record(text, seq_len)
+    original = None
+    if reference_source is not None:
+        original = load_model(reference_source.path, *loading)
+        compute_in_fastest(original)
+    result |= measure(loaded, windows[0], source.family, chunks, original, *evaluation)
+    if original is not None:
+        views = source.family.moe_layers(original)
+        labels = hard_group_labels(source.path, views[0].num_experts)
+        if labels is not None:
+            stats = collect_statistics(original, views, chunks, progress=progress)
+            result["cluster_quality"] = groups_quality(stats, labels)
+    return result, loaded
 
 
 def evaluation_windows(model, tokenizer, data: str | None, max_tokens: int, seq_len: int):
@@ -180,18 +240,20 @@ def measure(
     return result
 
 
-def groups_quality(path: Path, original, family, chunks, progress: bool) -> dict | None:
-    """Cluster quality of a moemerge output's groups per layer (and their mean), on the original model's mean
-    expert outputs over ``chunks``; None for other models and for pruned ones."""
+def hard_group_labels(path: Path, n: int) -> dict[int, np.ndarray] | None:
+    """A moemerge output's groups as cluster labels [n] of the original's experts per decoder layer; None for
+    other models and for pruned ones (whose dropped experts belong to no group)."""
     record = read_record(path)
     if record is None:
         return None
     entries = record["layers"]
-    views = family.moe_layers(original)
-    labels = {e["layer"]: group_labels(e["groups"], views[0].num_experts, e.get("memberships")) for e in entries}
-    if any(v is None for v in labels.values()):
-        return None
-    stats = collect_statistics(original, views, chunks, progress=progress)
+    labels = {e["layer"]: group_labels(e["groups"], n, e.get("memberships")) for e in entries}
+    return None if any(v is None for v in labels.values()) else labels
+
+
+def groups_quality(stats: dict[int, LayerStatistics], labels: dict[int, np.ndarray]) -> dict:
+    """Cluster quality of the groups ``labels`` per layer (and their mean) on the original's mean expert outputs
+    ``stats``."""
     layers = [{"layer": layer} | cluster_quality(stats[layer].mean_output.numpy(), labels[layer]) for layer in labels]
     mean = {}
     for key in ("silhouette_euclidean", "silhouette_cosine", "dunn"):

@@ -16,11 +16,50 @@ from torch.nn import functional
 from moemerge.adapters import MoEFamily
 
 
+class FidelitySums:
+    """Running sums of the fidelity measures over evaluation windows, for the MoE layers ``layers``."""
+
+    def __init__(self, layers: list[int]):
+        self.l2 = self.relative = self.cosine = 0.0
+        self.tokens = 0
+        self.errors = {layer: [0.0, 0.0] for layer in layers}
+
+    def add_hidden(self, h: torch.Tensor, h_ref: torch.Tensor) -> None:
+        """Add one window's last hidden states [T, H] of the model and of the reference."""
+        h, h_ref = h.double(), h_ref.double().to(h.device)
+        distance = (h - h_ref).norm(dim=-1)
+        self.l2 += float(distance.sum())
+        self.relative += float((distance / h_ref.norm(dim=-1).clamp_min(1e-30)).sum())
+        self.cosine += float(functional.cosine_similarity(h, h_ref, dim=-1).sum())
+        self.tokens += len(h)
+
+    def add_layer(self, layer: int, y: torch.Tensor, y_ref: torch.Tensor) -> None:
+        """Add the outputs of the model's and the reference's MoE block ``layer`` on the same inputs."""
+        y, y_ref = y.double(), y_ref.double()
+        self.errors[layer][0] += float(((y - y_ref) ** 2).sum())
+        self.errors[layer][1] += float((y_ref**2).sum())
+
+    def result(self) -> dict:
+        """{"last_hidden": {"l2", "relative_l2", "cosine", "tokens"}, "moe_layers": [{"layer", "relative_error"}]}."""
+        return {
+            "last_hidden": {
+                "l2": self.l2 / self.tokens,
+                "relative_l2": self.relative / self.tokens,
+                "cosine": self.cosine / self.tokens,
+                "tokens": self.tokens,
+            },
+            "moe_layers": [
+                {"layer": layer, "relative_error": err / max(norm, 1e-300)}
+                for layer, (err, norm) in self.errors.items()
+            ],
+        }
+
+
 @torch.inference_mode()
 def fidelity(model, reference, family: MoEFamily, chunks: list[torch.Tensor]) -> dict:
-    """{"last_hidden": {"l2", "relative_l2", "cosine", "tokens"}, "moe_layers": [{"layer", "relative_error"}]}.
+    """:meth:`FidelitySums.result` of ``model`` against ``reference`` on the token windows ``chunks``.
 
-    model / reference: causal LMs of one family with the same decoder layers; chunks: token windows.
+    model / reference: causal LMs of one family with the same decoder layers.
     """
     device = next(reference.parameters()).device
     reduced_blocks = {view.layer: view.block for view in family.moe_layers(model)}
@@ -32,36 +71,17 @@ def fidelity(model, reference, family: MoEFamily, chunks: list[torch.Tensor]) ->
             captured[layer] = (args[0], output)
 
         handles.append(view.block.register_forward_hook(capture))
-    l2 = relative = cosine = 0.0
-    tokens = 0
-    errors = {layer: [0.0, 0.0] for layer in reduced_blocks}
+    sums = FidelitySums(list(reduced_blocks))
     try:
         for chunk in chunks:
             ids = chunk[None].to(device)
             captured.clear()
-            h_ref = reference.model(input_ids=ids).last_hidden_state[0].double()
-            h = model.model(input_ids=ids.to(next(model.parameters()).device)).last_hidden_state[0].double()
-            h = h.to(h_ref.device)
-            distance = (h - h_ref).norm(dim=-1)
-            l2 += float(distance.sum())
-            relative += float((distance / h_ref.norm(dim=-1).clamp_min(1e-30)).sum())
-            cosine += float(functional.cosine_similarity(h, h_ref, dim=-1).sum())
-            tokens += len(h)
+            h_ref = reference.model(input_ids=ids).last_hidden_state[0]
+            h = model.model(input_ids=ids.to(next(model.parameters()).device)).last_hidden_state[0]
+            sums.add_hidden(h, h_ref)
             for layer, (x, y_ref) in captured.items():
-                y = reduced_blocks[layer](x).double()
-                errors[layer][0] += float(((y - y_ref.double()) ** 2).sum())
-                errors[layer][1] += float((y_ref.double() ** 2).sum())
+                sums.add_layer(layer, reduced_blocks[layer](x), y_ref)
     finally:
         for handle in handles:
             handle.remove()
-    return {
-        "last_hidden": {
-            "l2": l2 / tokens,
-            "relative_l2": relative / tokens,
-            "cosine": cosine / tokens,
-            "tokens": tokens,
-        },
-        "moe_layers": [
-            {"layer": layer, "relative_error": err / max(norm, 1e-300)} for layer, (err, norm) in errors.items()
-        ],
-    }
+    return sums.result()

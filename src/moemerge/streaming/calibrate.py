@@ -16,25 +16,71 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moemerge.checkpoint.source import SourceModel, resolve_device, resolve_dtype
+from moemerge.checkpoint.loader import grouped_routers
+from moemerge.checkpoint.source import SourceModel, resolve_device, resolve_dtype, stored_expert_counts
 from moemerge.errors import MoemergeError
 from moemerge.pipeline import method_options_of, statistics_needs
 from moemerge.precision import compute_dtype, model_dtype, to_compute, to_storage
 from moemerge.progress import phase
+from moemerge.routing.grouped import install_grouped_routers
 from moemerge.statistics import LayerAccumulator, LayerStatistics, sequence_offsets
-from moemerge.streaming.layers import SourceTensors, layer_inputs, load_layer, load_outside, run_layer, skeleton, unload
+from moemerge.streaming.layers import (
+    LAYERS,
+    SourceTensors,
+    layer_inputs,
+    load_layer,
+    load_outside,
+    run_layer,
+    skeleton,
+    unload,
+)
 
 
 class LayerStream:
     """The model of ``source`` (config ``config``) read one decoder layer at a time, stored in ``dtype`` ("auto":
-    the config's) and computed in :func:`moemerge.precision.compute_dtype` of it on ``device``."""
+    the config's) and computed in :func:`moemerge.precision.compute_dtype` of it on ``device``.
 
-    def __init__(self, source: SourceModel, config, dtype: str, device: str):
+    ``grouped``: give the MoE layers of a ``--router grouped`` output their original routers when loaded, as
+    :func:`moemerge.load_model` does.
+    """
+
+    def __init__(self, source: SourceModel, config, dtype: str, device: str, grouped: bool = False):
         self.device = resolve_device(device)
         self.storage = model_dtype(config, resolve_dtype(dtype))
         self.compute = compute_dtype(self.storage, self.device)
         self.skeleton = skeleton(copy.deepcopy(config), self.storage)
+        counts = stored_expert_counts(source.path)
+        if counts is not None:  # a non-uniform --budget output: each MoE layer gets its own count
+            for view in source.family.moe_layers(self.skeleton):
+                view.keep_first(counts[view.layer])
+        self.family = source.family
+        self.views = {view.layer: view for view in source.family.moe_layers(self.skeleton)}
+        self.grouped = grouped_routers(source) if grouped else None
         self.tensors = SourceTensors(source.weight_files)
+        # counted before any loading: moving tensors to meta unties a tied output head
+        self._outside = sum(p.numel() for name, p in self.skeleton.named_parameters() if not name.startswith(LAYERS))
+
+    def outside_parameters(self) -> int:
+        """Parameters outside the decoder layers (a tied output head counted once)."""
+        return self._outside
+
+    @contextmanager
+    def outside(self) -> Iterator[None]:
+        """The weights outside the decoder layers (embeddings, final norm, output head) filled and in the compute
+        dtype; emptied after."""
+        load_outside(self.skeleton, self.tensors, self.storage)
+        filled = [
+            module
+            for name, module in self.skeleton.named_modules()
+            if not f"{name}.".startswith(LAYERS) and next(module.parameters(recurse=False), None) is not None
+        ]
+        stored = [to_compute(module, self.compute) for module in filled]
+        try:
+            yield
+        finally:
+            for module, dtypes in zip(filled, stored, strict=True):
+                to_storage(module, dtypes)
+                unload(module)
 
     def inputs(self, sequences: dict[int, torch.Tensor]) -> tuple[dict, dict]:
         """({s: hidden states [1, T, H] entering decoder layer 0}, {s: the other arguments of every decoder
@@ -51,12 +97,32 @@ class LayerStream:
 
     @contextmanager
     def layer(self, index: int) -> Iterator[tuple[nn.Module, dict[str, torch.dtype]]]:
-        """(decoder layer ``index`` filled and in the compute dtype, its tensors' stored dtypes); emptied after."""
+        """(decoder layer ``index`` filled and in the compute dtype, its tensors' stored dtypes); emptied after, in
+        its stored dtypes again so that it loads as stored next time."""
         layer = load_layer(self.skeleton, self.tensors, index, self.storage).to(self.device)
+        view = self.views.get(index)
+        gate = None if view is None else view.block.gate
+        stored = to_compute(layer, self.compute)
         try:
-            yield layer, to_compute(layer, self.compute)
+            if self.grouped is not None and view is not None:
+                routers, groups, top_k = self.grouped
+                weight, bias = routers[index]
+                router = (weight.to(view.router_weight), None if bias is None else bias.to(view.selection_bias))
+                install_grouped_routers([view], {index: router}, groups, top_k)
+            yield layer, stored
         finally:
+            if gate is not None:
+                view.block.gate = gate
+            to_storage(layer, stored)  # unloading keeps each tensor's dtype, which the next load takes
             unload(layer)
+
+    def meta_model(self) -> nn.Module:
+        """The whole model as :func:`moemerge.load_model` builds it, on the meta device (shapes, no memory);
+        call before any layer is loaded."""
+        model = copy.deepcopy(self.skeleton)
+        if self.grouped is not None:
+            install_grouped_routers(self.family.moe_layers(model), *self.grouped)
+        return model
 
 
 def collect(layer: nn.Module, view, index: int, hidden: dict, calls: dict, total: int, offsets: dict, needs: dict):

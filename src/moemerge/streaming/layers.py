@@ -8,7 +8,7 @@ so the streamed output has exactly the tensors ``save_pretrained`` writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,6 +152,18 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+@contextmanager
+def _stand_ins(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """The model's decoder layers replaced by ``layers`` for the duration."""
+    decoder = model.model
+    real = decoder.layers
+    decoder.layers = nn.ModuleList(layers)
+    try:
+        yield
+    finally:
+        decoder.layers = real
+
+
 @torch.no_grad()
 def layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
     """(hidden states [1, T, H] entering decoder layer 0, the other arguments each decoder layer gets) for one
@@ -159,20 +171,47 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tenso
 
     Only the input embeddings need to be loaded.
     """
-    decoder = model.model
-    real = decoder.layers
-    calls: list = [None] * len(real)
-    decoder.layers = nn.ModuleList(_Recorder(calls, i, i == len(real) - 1) for i in range(len(real)))
+    count = len(model.model.layers)
+    calls: list = [None] * count
     embedded = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(out))
     try:
-        decoder(input_ids=input_ids[None], use_cache=False)
+        with _stand_ins(model, [_Recorder(calls, i, i == count - 1) for i in range(count)]):
+            model.model(input_ids=input_ids[None], use_cache=False)
     except _Recorded:
         pass
     finally:
-        decoder.layers = real
         handle.remove()
     return embedded[0], calls
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns ``final`` if given (the last layer), else its input."""
+
+    def __init__(self, final: torch.Tensor | None):
+        super().__init__()
+        self.final = final
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.final is None else self.final
+
+
+@torch.no_grad()
+def final_outputs(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden state [T, H], after the final norm; logits [T, V]) that the model's own forward gives for
+    ``input_ids`` [T] when its last decoder layer outputs ``hidden`` [1, T, H].
+
+    Only the weights outside the decoder layers need to be loaded.
+    """
+    count = len(model.model.layers)
+    last = []
+    handle = model.model.register_forward_hook(lambda m, a, out: last.append(out.last_hidden_state))
+    try:
+        with _stand_ins(model, [_Replay(hidden if i == count - 1 else None) for i in range(count)]):
+            logits = model(input_ids=input_ids[None], use_cache=False).logits
+    finally:
+        handle.remove()
+    return last[0][0], logits[0]
 
 
 @torch.no_grad()
