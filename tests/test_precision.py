@@ -121,3 +121,23 @@ def test_bf16_source_on_a_cpu_without_bf16_is_its_float32_copy_reduced_and_round
             original = {k: t.to(torch.bfloat16) for k, t in tensors(tmp_path / "oracle", "moemerge_router*").items()}
             assert sidecar.keys() == original.keys()
             assert all(sidecar[k].dtype == torch.bfloat16 and torch.equal(sidecar[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("name,reduce", [("memory", reduce_in_memory), ("stream", reduce_streaming)])
+def test_computing_in_bf16_keeps_float32_tensors_in_float32(tmp_path, monkeypatch, name, reduce):
+    """On a CPU with native bf16 a bf16 DeepSeek-V3 checkpoint computes in bf16, but the router and selection bias
+    that transformers keeps in float32 stay float32 while computing: f-prune with frequency router rows (a one-member
+    group's row is its expert's row) writes every kept expert's float32 router row and bias bit for bit as the source
+    holds them, which their bf16 roundings are not."""
+    bf16, _ = bf16_and_fp32_sources(tmp_path, "deepseek_v3")
+    source = tensors(bf16)
+    router_keys = [k for k in source if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))]
+    assert router_keys and all(source[k].dtype == torch.float32 for k in router_keys)
+    assert not all(torch.equal(source[k], source[k].bfloat16().float()) for k in router_keys)
+    monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: frozenset({torch.float32, torch.bfloat16}))
+    result = reduce(bf16, tmp_path / name, **SMALL, method="f-prune", router_rows="frequency")
+    written = tensors(tmp_path / name)
+    for layer, groups in result.groups.items():
+        kept = [g[0] for g in groups]
+        for key in (f"model.layers.{layer}.mlp.gate.weight", f"model.layers.{layer}.mlp.gate.e_score_correction_bias"):
+            assert written[key].dtype == torch.float32 and torch.equal(written[key], source[key][kept]), key

@@ -79,11 +79,13 @@ def _floating(module: nn.Module):
 
 
 def to_compute(module: nn.Module, compute: torch.dtype) -> dict[str, torch.dtype]:
-    """Cast ``module``'s floating tensors to ``compute`` in place; returns their dtypes before (by name), which
-    :func:`to_storage` restores."""
+    """Cast ``module``'s floating tensors narrower than ``compute`` up to it, in place; wider ones stay (the float32
+    router and selection bias transformers keeps in a bf16 DeepSeek-V3 are never rounded to bf16). Returns every
+    floating tensor's dtype before (by name), which :func:`to_storage` restores."""
     stored = {name: t.dtype for name, t in _floating(module)}
-    if any(dtype != compute for dtype in stored.values()):
-        module.to(compute)
+    for _, t in _floating(module):
+        if t.dtype.itemsize < compute.itemsize:
+            t.data = t.data.to(compute)
     return stored
 
 
