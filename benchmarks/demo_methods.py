@@ -23,30 +23,31 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import moemerge
 from moemerge.adapters import FAMILIES
 from moemerge.calibration import load_calibration
-from moemerge.methods import COMPRESSING_METHODS, MethodOptions
+from moemerge.options import ReduceOptions
 from moemerge.pipeline import compress_experts
+from moemerge.registry import resolve
 from moemerge.statistics import collect_statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
 from compare import perplexity
 
-DEFAULTS = MethodOptions()
+DEFAULTS = ReduceOptions()
 VARIANTS = [  # keyword arguments of run_variant: method, options, merge, align, budget
     {"method": "hc-smoe"},
     {"method": "hc-smoe", "align": True},
-    {"method": "hc-smoe", "options": MethodOptions(linkage="single")},
-    {"method": "hc-smoe", "options": MethodOptions(linkage="complete")},
-    {"method": "hc-smoe", "options": MethodOptions(linkage="ward")},
-    {"method": "hc-smoe", "options": MethodOptions(distance="cosine")},
+    {"method": "hc-smoe", "options": ReduceOptions(linkage="single")},
+    {"method": "hc-smoe", "options": ReduceOptions(linkage="complete")},
+    {"method": "hc-smoe", "options": ReduceOptions(linkage="ward")},
+    {"method": "hc-smoe", "options": ReduceOptions(distance="cosine")},
     {"method": "hc-smoe", "merge": "average"},
     {"method": "hc-smoe", "merge": "fix-dom"},
     {"method": "hc-smoe", "merge": "zipit"},
-    {"method": "hc-smoe", "options": MethodOptions(metric="router-logits")},
-    {"method": "hc-smoe", "options": MethodOptions(metric="weight")},
-    {"method": "hc-smoe", "options": MethodOptions(cluster="kmeans")},
-    {"method": "hc-smoe", "options": MethodOptions(cluster="kmeans", kmeans_init="k-means++")},
-    {"method": "hc-smoe", "options": MethodOptions(cluster="single-shot")},
-    {"method": "hc-smoe", "options": MethodOptions(cluster="fcm")},
+    {"method": "hc-smoe", "options": ReduceOptions(metric="router-logits")},
+    {"method": "hc-smoe", "options": ReduceOptions(metric="weight")},
+    {"method": "hc-smoe", "options": ReduceOptions(cluster="kmeans")},
+    {"method": "hc-smoe", "options": ReduceOptions(cluster="kmeans", kmeans_init="k-means++")},
+    {"method": "hc-smoe", "options": ReduceOptions(cluster="single-shot")},
+    {"method": "hc-smoe", "options": ReduceOptions(cluster="fcm")},
     {"method": "hc-smoe", "budget": "frequency"},
     {"method": "m-smoe"},
     {"method": "m-smoe", "align": True},
@@ -61,7 +62,7 @@ VARIANTS = [  # keyword arguments of run_variant: method, options, merge, align,
 
 
 def describe(method: str, options=DEFAULTS, merge="frequency", align=False, budget="uniform") -> str:
-    changed = [f"{k}={v}" for k, v in vars(options).items() if v != vars(DEFAULTS)[k]]
+    changed = [f"{k}={v}" for k, v in options.as_dict().items() if v != DEFAULTS.as_dict()[k] and k != "method"]
     extra = [f"merge={merge}"] if merge != "frequency" else []
     extra += [f"budget={budget}"] if budget != "uniform" else []
     return ", ".join([method, *changed, *extra, *(["align"] if align else [])])
@@ -70,9 +71,9 @@ def describe(method: str, options=DEFAULTS, merge="frequency", align=False, budg
 def run_variant(model, family, stats, r, method, options=DEFAULTS, merge="frequency", align=False, budget="uniform"):
     """A reduced copy of ``model`` and its per-layer expert counts."""
     reduced = copy.deepcopy(model)
-    groups = moemerge.plan_groups(stats, family, model.config, r, method, options=options, budget=budget)
+    groups = moemerge.plan_groups(stats, family, model.config, r, options.replace(method=method, budget=budget))
     moemerge.apply_groups(reduced, family, stats, groups, merge=merge, router_rows_rule="lse", align=align)
-    if method in COMPRESSING_METHODS:
+    if resolve("method", method).compresses:
         intermediate = family.moe_layers(reduced)[0].block.experts.down_proj.shape[2]
         compress_experts(family.moe_layers(reduced), rank=intermediate // 4, sparsity=0.9)
     return reduced, [len(g) for g in groups.values()]

@@ -210,7 +210,7 @@ def test_global_pruning_keeps_the_global_top_set(family, method, budget, field):
     config, stats = calibrated(family)
     scores = {layer: getattr(s, field) for layer, s in stats.items()}
     for r in range(TOP_K, N):
-        plan = plan_groups(stats, ADAPTERS[family], config, r, method, budget=budget)
+        plan = plan_groups(stats, ADAPTERS[family], config, r, method=method, budget=budget)
         kept = global_kept(scores, r, TOP_K)
         assert plan == {layer: [[j] for j in ids] for layer, ids in kept.items()}, r
         assert_global_top(kept, scores, TOP_K)
@@ -223,7 +223,7 @@ def test_uniform_budget_keeps_r_in_every_layer(family):
     config, stats = calibrated(family)
     for r in range(TOP_K, N):
         assert experts_per_layer(stats, ADAPTERS[family], config, r, "uniform") == dict.fromkeys(stats, r)
-        plan = plan_groups(stats, ADAPTERS[family], config, r, "f-prune")
+        plan = plan_groups(stats, ADAPTERS[family], config, r, method="f-prune")
         assert plan == {layer: [[j] for j in best_subset(s.counts, r)] for layer, s in stats.items()}
 
 
@@ -254,7 +254,7 @@ def test_handmade_budgets_with_ties_and_a_full_layer(method):
     scores = {layer: getattr(s, field) for layer, s in stats.items()}
     saw_full = False
     for r in range(TOP_K, N):
-        plan = plan_groups(stats, family, config, r, method, budget=budget)
+        plan = plan_groups(stats, family, config, r, method=method, budget=budget)
         counts = brute_force_counts(scores, r, TOP_K)
         assert {layer: len(groups) for layer, groups in plan.items()} == counts, r
         for layer, groups in plan.items():
@@ -277,7 +277,7 @@ def test_budget_refusals_in_the_api(tmp_path, capfd):
     assert config.n_group > 1
     for budget in ("frequency", "probability"):
         with pytest.raises(MoemergeError, match="n_group"):
-            plan_groups(stats, family, config, 4, "f-prune", budget=budget)
+            plan_groups(stats, family, config, 4, method="f-prune", budget=budget)
         with pytest.raises(MoemergeError, match="top-k"):
             plan_groups(handmade_stats(), ADAPTERS["mixtral"], tiny_config("mixtral"), TOP_K - 1, budget=budget)
     with pytest.raises(MoemergeError, match="budget"):
@@ -416,7 +416,7 @@ def test_hc_smoe_budget_output_equals_in_memory_reduction(family, r, source, wor
     reference, family_ = vanilla(src), ADAPTERS["deepseek_v3" if family == "deepseek_v3_flat" else family]
     seqs = [torch.tensor(r) for r in calibration_rows()]
     stats = collect_statistics(reference, family_.moe_layers(reference), seqs, ROUTER_SAMPLE_TOKENS, progress=False)
-    plan = plan_groups(stats, family_, reference.config, r, "hc-smoe", budget="frequency")
+    plan = plan_groups(stats, family_, reference.config, r, method="hc-smoe", budget="frequency")
     assert plan == groups
     apply_groups(reference, family_, stats, plan, "frequency", "lse")
     torch.testing.assert_close(logits_of(model), logits_of(reference), rtol=1e-5, atol=1e-5)

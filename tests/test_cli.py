@@ -496,7 +496,7 @@ def test_cli_defaults_are_the_python_api_defaults():
     from moemerge.cli import _reduction_kwargs, build_parser
     from moemerge.compare import compare
     from moemerge.evaluation.evaluate import evaluate
-    from moemerge.pipeline import default_options
+    from moemerge.options import ReduceOptions
     from moemerge.report.inspection import inspect
 
     def defaults(function) -> dict:
@@ -505,7 +505,7 @@ def test_cli_defaults_are_the_python_api_defaults():
     parser = build_parser()
     for command in ("reduce", "plan"):
         args = parser.parse_args([command, "MODEL", "--experts", "4", "--out", "OUT.json"])
-        assert _reduction_kwargs(args) == default_options() | {"experts": 4}, command
+        assert _reduction_kwargs(args) == ReduceOptions().as_dict() | {"experts": 4}, command
     checks = {
         "compare": (["compare", "MODEL", "--methods", "hc-smoe", "--experts", "4", "--out", "OUT"], compare),
         "inspect": (["inspect", "MODEL", "--out", "OUT"], inspect),

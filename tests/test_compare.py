@@ -28,7 +28,7 @@ import moemerge
 from moemerge import MoemergeError
 from moemerge.compare import compare, parse_variant
 from moemerge.evaluation import perplexity
-from moemerge.methods import MethodOptions
+from moemerge.options import ReduceOptions
 
 N = NUM_EXPERTS
 MAX_TOKENS, SEQ_LEN = 150, 64  # windows of 64, 64 and 22 tokens
@@ -190,9 +190,10 @@ def test_parse_variant_plain_name_has_defaults():
     """A bare method name gives that method, the spec itself, default options with the given seed, and the default
     merge, alignment, budget and router rows."""
     v = parse_variant("f-prune", seed=7)
-    assert (v.spec, v.method) == ("f-prune", "f-prune")
-    assert v.options == MethodOptions(seed=7)
-    assert (v.merge, v.align, v.budget, v.router_rows) == ("frequency", False, "uniform", "lse")
+    assert (v.spec, v.options.method) == ("f-prune", "f-prune")
+    assert v.options == ReduceOptions(method="f-prune", seed=7)
+    o = v.options
+    assert (o.merge, o.align, o.budget, o.router_rows) == ("frequency", False, "uniform", "lse")
 
 
 def test_parse_variant_reads_every_key():
@@ -202,31 +203,32 @@ def test_parse_variant_reads_every_key():
         "oprune_budget=17,merge=zipit,align=true,budget=probability,router-rows=frequency"
     )
     v = parse_variant(spec, seed=5)
-    assert (v.spec, v.method) == (spec, "hc-smoe")
-    assert v.options == MethodOptions(
+    assert (v.spec, v.options.method) == (spec, "hc-smoe")
+    assert v.options == ReduceOptions(
         metric="router-logits",
         distance="cosine",
         cluster="kmeans",
         linkage="complete",
         kmeans_init="k-means++",
         oprune_budget=17,
+        merge="zipit",
+        align=True,
+        budget="probability",
+        router_rows="frequency",
         seed=5,
     )
     assert isinstance(v.options.oprune_budget, int)
-    assert (v.merge, v.align, v.budget, v.router_rows) == ("zipit", True, "probability", "frequency")
-    assert parse_variant("hc-smoe:align=false,kmeans_init=random").align is False
+    assert parse_variant("hc-smoe:align=false,kmeans_init=random").options.align is False
     assert parse_variant("hc-smoe:align=false,kmeans_init=random").options.kmeans_init == "random"
 
 
 def test_parse_variant_preset_method_keeps_its_preset():
     """m-smoe with other grouping options still groups by its preset (router logits, cosine, single-shot) in the
     grid, while options outside the preset (linkage) and merge are taken from the spec."""
-    from moemerge.methods import method_options
-
     v = parse_variant("m-smoe:metric=weight,distance=euclidean,cluster=kmeans,linkage=complete,merge=average")
-    effective = method_options(v.method, v.options)
+    effective = v.options.effective()
     assert (effective.metric, effective.distance, effective.cluster) == ("router-logits", "cosine", "single-shot")
-    assert effective.linkage == "complete" and v.merge == "average"
+    assert effective.linkage == "complete" and effective.merge == "average"
 
 
 @pytest.mark.parametrize(

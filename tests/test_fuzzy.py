@@ -20,7 +20,7 @@ from moemerge import plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
 from moemerge.grouping import SoftGroups, fcm_memberships
 from moemerge.merging import member_weights, merge_experts
-from moemerge.methods import MethodOptions
+from moemerge.options import ReduceOptions
 from moemerge.routing import router_rows
 
 
@@ -94,7 +94,7 @@ def test_fcm_groups_of_deepseek_stay_in_their_routing_blocks():
     g = torch.Generator().manual_seed(3)
     stats = {1: layer_stats(1, torch.randn(8, 6, generator=g), torch.arange(1, 9), 16)}
     groups = plan_groups(
-        stats, ADAPTERS["deepseek_v3"], tiny_config("deepseek_v3"), 4, options=MethodOptions(cluster="fcm")
+        stats, ADAPTERS["deepseek_v3"], tiny_config("deepseek_v3"), 4, options=ReduceOptions(cluster="fcm")
     )[1]
     assert isinstance(groups, SoftGroups)
     assert list(groups) == [[0, 1, 2, 3]] * 2 + [[4, 5, 6, 7]] * 2

@@ -16,7 +16,7 @@ from moemerge.adapters import FAMILIES as ADAPTERS
 from moemerge.cli import main
 from moemerge.errors import MoemergeError
 from moemerge.grouping import expert_features, hierarchical_labels, kmeans_labels, labels_to_groups
-from moemerge.methods import MethodOptions
+from moemerge.options import ReduceOptions
 from moemerge.statistics import collect_statistics
 
 
@@ -162,7 +162,7 @@ def test_cosine_kmeans_clusters_directions_not_magnitudes():
     assert partition(kmeans_labels(x, 2, "first", "euclidean")) == euclidean
     stats = {1: layer_stats(1, torch.from_numpy(x).float(), torch.arange(1, 9), 16)}
     for distance, expected in (("cosine", by_direction), ("euclidean", euclidean)):
-        options = MethodOptions(cluster="kmeans", distance=distance)
+        options = ReduceOptions(cluster="kmeans", distance=distance)
         groups = plan_groups(stats, ADAPTERS["mixtral"], tiny_config("mixtral"), 2, options=options)[1]
         assert {frozenset(g) for g in groups} == expected, distance
 

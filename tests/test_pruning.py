@@ -27,9 +27,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moemerge
 from moemerge import MoemergeError, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
-from moemerge.methods import PRUNING_METHODS, MethodOptions, keep_highest, o_prune
+from moemerge.methods import keep_highest, o_prune
+from moemerge.options import ReduceOptions
 from moemerge.pipeline import statistics_needs
+from moemerge.registry import names, resolve
 from moemerge.statistics import collect_statistics
+
+PRUNING_METHODS = ("f-prune", "s-prune", "reap", "o-prune")  # the methods that keep whole experts (their papers)
 
 N, R = 8, 4
 SAMPLES, SEQ_LEN = 2, 32
@@ -329,7 +333,7 @@ def test_o_prune_is_exhaustive_argmin_of_block_output_error(family):
         kept = []
         for b, experts in enumerate(blocks_of(family)):
             share = R // len(blocks_of(family))
-            groups = o_prune(stats[layer], experts, share, MethodOptions())
+            groups = o_prune(stats[layer], experts, share, ReduceOptions())
             assert all(len(g) == 1 for g in groups) and len(groups) == share
             chosen = tuple(g[0] for g in groups)
             assert_argmin(chosen, block_errors(family, layer, b))
@@ -350,11 +354,11 @@ def test_o_prune_with_small_budget_is_best_of_the_seeded_random_subsets(family):
                 budget = 3
                 rng = random.Random(seed)
                 candidates = [tuple(sorted(rng.sample(experts, share))) for _ in range(budget)]
-                options = MethodOptions(oprune_budget=budget, seed=seed)
+                options = ReduceOptions(oprune_budget=budget, seed=seed)
                 first = o_prune(stats[layer], experts, share, options)
                 assert o_prune(stats[layer], experts, share, options) == first
                 assert_argmin(tuple(g[0] for g in first), errors, candidates)
-            exhaustive = o_prune(stats[layer], experts, share, MethodOptions(oprune_budget=total, seed=3))
+            exhaustive = o_prune(stats[layer], experts, share, ReduceOptions(oprune_budget=total, seed=3))
             assert_argmin(tuple(g[0] for g in exhaustive), errors)
 
 
@@ -372,7 +376,7 @@ def test_o_prune_objective_uses_only_the_sampled_tokens():
     )
     for layer, layer_stats in stats.items():
         assert layer_stats.expert_outputs.shape[0] == 16
-        chosen = tuple(g[0] for g in o_prune(layer_stats, list(range(N)), R, MethodOptions()))
+        chosen = tuple(g[0] for g in o_prune(layer_stats, list(range(N)), R, ReduceOptions()))
         assert_argmin(chosen, block_errors(family, layer, 0, token_stride=4))
 
 
@@ -386,12 +390,12 @@ def test_o_prune_without_expert_outputs_is_an_error():
     rows = [torch.tensor(r) for r in sequences()]
     stats = collect_statistics(model, adapter.moe_layers(model), rows[:1], 0, progress=False)
     with pytest.raises(ValueError, match="output_sample"):
-        o_prune(next(iter(stats.values())), list(range(N)), R, MethodOptions())
-    needs = statistics_needs([("o-prune", MethodOptions(), "frequency", "lse")])
+        o_prune(next(iter(stats.values())), list(range(N)), R, ReduceOptions())
+    needs = statistics_needs([ReduceOptions(method="o-prune")])
     stats = collect_statistics(model, adapter.moe_layers(model), rows, progress=False, **needs)
     for layer, layer_stats in stats.items():
         assert layer_stats.expert_outputs.shape[0] == T
-        chosen = tuple(g[0] for g in o_prune(layer_stats, list(range(N)), R, MethodOptions()))
+        chosen = tuple(g[0] for g in o_prune(layer_stats, list(range(N)), R, ReduceOptions()))
         assert_argmin(chosen, block_errors(family, layer, 0))
 
 
@@ -612,3 +616,9 @@ def test_tiny_config_matches_module_constants():
     deepseek = tiny_config("deepseek_v3")
     assert deepseek.n_group == len(BLOCKS["deepseek_v3"]) and deepseek.topk_group == 1
     assert ADAPTERS["deepseek_v3"].partitions(deepseek, R) == [(b, 2) for b in BLOCKS["deepseek_v3"]]
+
+
+def test_exactly_the_pruning_methods_declare_that_they_prune():
+    """The registered methods' ``prunes`` declarations (which refuse --router grouped and skip the metric's
+    statistics) name exactly the methods that keep whole experts."""
+    assert {m for m in names("method") if resolve("method", m).prunes} == set(PRUNING_METHODS)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, TOKENIZER_DIR, pickle_copy, save_tiny, tiny_model
-from test_cli import TEXT
+from test_cli import TEXT, assert_clean_error, run
 from test_compare import oracle_hidden, oracle_moe_errors, oracle_perplexity
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,8 +72,9 @@ def assert_measures(result: dict, model, reference) -> None:
 def test_eval_layer_by_layer_equals_the_whole_forward(family, tmp_path, layer_by_layer):
     """A copy of a tiny model with its first MoE layer's experts and its last router perturbed, evaluated against
     the original: every number equals the oracles on the two whole models, and only the perturbed layers have an
-    error of their own (later layers are fed the original's inputs). For Mixtral, tied embeddings too."""
-    tied = {"tie_word_embeddings": True} if family == "mixtral" else {}
+    error of their own (later layers are fed the original's inputs). For Mixtral, tied embeddings and a config asking
+    for router logits (the load-balancing loss) too."""
+    tied = {"tie_word_embeddings": True, "output_router_logits": True} if family == "mixtral" else {}
     src = save_tiny(family, tmp_path / "src", **tied)
     model = tiny_model(family, **tied)
     moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
@@ -112,6 +113,46 @@ def test_eval_of_grouped_and_budget_outputs_equals_load_model(options, tmp_path,
     assert {key: result["cost"][key] for key in counts} == counts
     if "budget" in options:
         assert len({len(layer.mlp.experts.down_proj) for layer in loaded.model.layers}) > 1
+    # as the reference, the output is measured as load_model builds it too
+    swapped = evaluate(src, reference=out, data=str(text), max_tokens=MAX_TOKENS, seq_len=SEQ_LEN, cost=False,
+                       progress=False)  # fmt: skip
+    expected = oracle_perplexity(loaded, evaluation_chunks())
+    assert swapped["reference_perplexity"]["perplexity"] == pytest.approx(expected, rel=REL)
+
+
+def test_grouped_output_read_in_bf16_on_a_cpu_without_bf16_is_load_models(tmp_path, layer_by_layer, monkeypatch):
+    """A float32 --router grouped output read with --dtype bfloat16 where bf16 is computed in float32: the original
+    routers of its sidecar are rounded to bf16 like every other weight, as in the model load_model(dtype=bfloat16)
+    builds (then computed in float32): the same numbers, to the float64 oracles' precision."""
+    from moemerge import precision
+
+    monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: frozenset({torch.float32}))
+    text = text_file(tmp_path)
+    src = save_tiny("mixtral", tmp_path / "src")
+    out = tmp_path / "out"
+    moemerge.reduce(src, out, experts=4, router="grouped", calib=str(text), calib_samples=2, calib_seq_len=32,
+                    progress=False)  # fmt: skip
+    result = evaluate(out, reference=src, data=str(text), max_tokens=MAX_TOKENS, seq_len=SEQ_LEN, dtype="bfloat16",
+                      cost=False, progress=False)  # fmt: skip
+    monkeypatch.undo()
+    loaded = moemerge.load_model(out, dtype="bfloat16").float()
+    assert_measures(result, loaded, AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).float().eval())
+
+
+def test_a_checkpoint_without_its_final_norm_fails_before_the_first_layer(tmp_path, capfd, monkeypatch):
+    """A model folder whose weights lack the final norm: one error line naming the missing tensor, before any
+    decoder layer runs (a real model's layers take hours)."""
+    from safetensors.torch import load_file, save_file
+
+    from moemerge.streaming import measure
+
+    src = save_tiny("mixtral", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(measure, "run_layer", no_whole_model)
+    code, _, err = run(["eval", src, "--data", text_file(tmp_path), "--no-cost", "--quiet"], capfd)
+    assert "model.norm.weight" in assert_clean_error(code, err, tmp_path / "no-output")
 
 
 def test_pickle_weights_and_tasks_load_the_whole_model(tmp_path, caplog):

@@ -36,8 +36,8 @@ from moemerge.checkpoint import inspect_source, load_source
 from moemerge.compare import parse_variant, reduce_variant, write_csv
 from moemerge.evaluation.fidelity import fidelity
 from moemerge.evaluation.perplexity import perplexity, windows
-from moemerge.methods import PRUNING_METHODS
 from moemerge.pipeline import statistics_needs
+from moemerge.registry import resolve
 from moemerge.statistics import collect_statistics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,20 +97,21 @@ def run_model(name: str, variants, removed, calib_sets, calib_samples: int, test
     base = {"model": name, "calibration": "", "router": "", "method": "original", "removed": 0.0, "experts": n}
     rows = [base | measure(model, model, family, chunks) | {"seconds": 0.0}]
     for calib in calib_sets:
-        specs = [parse_variant(v) for v in (variants if calib == calib_sets[0] else variants[:1])]
+        chosen = variants if calib == calib_sets[0] else variants[:1]
         calibration = load_calibration(
             str(DATA / f"calib_{calib}.jsonl.gz"), tokenizer, calib_samples, SEQ_LEN, 0, vocab
         )
-        needs = statistics_needs([(v.method, v.options, v.merge, v.router_rows) for v in specs])
+        needs = statistics_needs([parse_variant(v).options for v in chosen])
         stats = collect_statistics(model, layers, calibration.sequences, progress=False, **needs)
         for router in ("reduce", "grouped"):
-            for variant in specs:
-                if router == "grouped" and variant.method in PRUNING_METHODS:
+            for spec in chosen:
+                if router == "grouped" and resolve("method", spec.split(":")[0]).prunes:
                     continue
+                variant = parse_variant(spec, router=router)
                 for fraction in removed:
                     r = round(n * (1 - fraction))
                     start = time.perf_counter()
-                    reduced, _ = reduce_variant(model, family, config, stats, variant, r, router)
+                    reduced, _ = reduce_variant(model, family, config, stats, variant.options, r)
                     seconds = time.perf_counter() - start
                     cell = {"calibration": calib, "router": router, "method": variant.spec, "removed": fraction}
                     row = base | cell | {"experts": r} | measure(reduced, model, family, chunks)
@@ -153,7 +154,7 @@ def finding(rows, models, removed, title: str, better, worse: list[str], better_
 
 
 def findings(rows: list[dict], models: list[str], removed) -> list[str]:
-    pruning = [m for m in VARIANTS if m.split(":")[0] in PRUNING_METHODS]
+    pruning = [m for m in VARIANTS if resolve("method", m.split(":")[0]).prunes]
     checks = [
         (
             "Average linkage beats single and complete",

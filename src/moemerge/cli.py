@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, EVAL_MAX_TOKENS, EVAL_SEQ_LEN
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, DISTANCES, KMEANS_INITS, LINKAGES, METRICS
-from moemerge.pipeline import ROUTER_MODES, default_options  # importing the pipeline registers every method
+from moemerge.options import ROUTER_MODES, ReduceOptions  # importing the options registers every method
 from moemerge.progress import show_phases
 from moemerge.registry import names
 from moemerge.signals import signal_of, signals_as_exceptions
@@ -129,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reduction_options(p: argparse.ArgumentParser) -> None:
     """The options of reduce and plan: size, method and its settings, router, calibration (defaults:
-    :func:`moemerge.pipeline.prepare`'s)."""
-    d = default_options()
+    :class:`moemerge.options.ReduceOptions`)."""
+    d = ReduceOptions().as_dict()
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--experts", type=int, metavar="R", help="experts to keep per MoE layer")
     size.add_argument("--ratio", type=float, metavar="F", help="fraction of experts to keep per MoE layer")
@@ -262,31 +263,7 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 def _reduction_kwargs(args: argparse.Namespace) -> dict:
     """reduce's / plan's keyword arguments from the parsed options."""
-    return dict(
-        experts=args.experts,
-        ratio=args.ratio,
-        method=args.method,
-        metric=args.metric,
-        distance=args.distance,
-        cluster=args.cluster,
-        kmeans_init=args.kmeans_init,
-        linkage=args.linkage,
-        merge=args.merge,
-        align=args.align,
-        rank=args.rank,
-        sparsity=args.sparsity,
-        param_budget=args.param_budget,
-        router=args.router,
-        router_rows=args.router_rows,
-        oprune_budget=args.oprune_budget,
-        budget=args.budget,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
+    return {f.name: getattr(args, f.name) for f in fields(ReduceOptions)}
 
 
 def _reduce(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import copy
 import csv
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -31,18 +31,11 @@ from moemerge.evaluation.evaluate import (
     measure,
     whole_model_reason,
 )
-from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, check_linkage
-from moemerge.methods import (
-    COMPRESSING_METHODS,
-    MethodOptions,
-    method_options,
-)
+from moemerge.options import ReduceOptions
 from moemerge.output_files import atomic_output, check_output
 from moemerge.pipeline import (
-    DEFAULT_SPARSITY,
     apply_groups,
     check_budget,
-    check_combination,
     check_uniform_source,
     compress_experts,
     compression_rank,
@@ -53,64 +46,63 @@ from moemerge.pipeline import (
 )
 from moemerge.precision import compute_in_fastest, to_compute, to_storage
 from moemerge.progress import log, phase
-from moemerge.registry import check_choice, resolve
+from moemerge.registry import resolve
 from moemerge.routing.grouped import install_grouped_routers
 from moemerge.statistics import collect_statistics
 from moemerge.streaming.calibrate import LayerStream, layer_statistics
 from moemerge.streaming.measure import Candidate, measure_layer_by_layer
 
+# the reduce options a --methods variant may set
+VARIANT_KEYS = (
+    "metric",
+    "distance",
+    "cluster",
+    "linkage",
+    "kmeans_init",
+    "oprune_budget",
+    "merge",
+    "align",
+    "budget",
+    "router_rows",
+)
+
 
 @dataclass(frozen=True)
 class Variant:
-    """One row family of the grid: ``--methods NAME[:KEY=VALUE,...]``.
-
-    Keys: the fields of MethodOptions (metric, distance, cluster, linkage, kmeans_init,
-    oprune_budget), and merge, align (true/false), budget, router_rows.
-    """
+    """One row family of the grid: ``--methods NAME[:KEY=VALUE,...]`` (keys: VARIANT_KEYS) and the options it
+    reduces with."""
 
     spec: str
-    method: str
-    options: MethodOptions = field(default_factory=MethodOptions)
-    merge: str = "frequency"
-    align: bool = False
-    budget: str = "uniform"
-    router_rows: str = "lse"
+    options: ReduceOptions
 
 
-def parse_variant(spec: str, seed: int = 0) -> Variant:
-    """A :class:`Variant` from ``NAME[:KEY=VALUE,...]``; unknown names, keys and values raise MoemergeError."""
+def parse_variant(spec: str, seed: int = 0, router: str = "reduce") -> Variant:
+    """A :class:`Variant` from ``NAME[:KEY=VALUE,...]``, with ``seed`` and the grid's ``router``; unknown names,
+    keys and values and impossible combinations raise MoemergeError."""
     name, _, settings = spec.partition(":")
     resolve("method", name)
-    option_keys = {f.name for f in fields(MethodOptions)} - {"seed"}
-    variant, options = Variant(spec, name), {"seed": seed}
+    values = {"method": name, "seed": seed, "router": router}
     for item in filter(None, settings.split(",")):
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep:
             raise MoemergeError(f"--methods {spec}: {item!r} is not KEY=VALUE")
-        if key in option_keys:
-            options[key] = int(value) if key == "oprune_budget" and value.isdigit() else value
-        elif key == "align":
+        if key not in VARIANT_KEYS:
+            raise MoemergeError(f"--methods {spec}: unknown key {key!r}; use one of: {', '.join(sorted(VARIANT_KEYS))}")
+        if key == "align":
             if value not in ("true", "false"):
                 raise MoemergeError(f"--methods {spec}: align must be true or false, not {value!r}")
-            variant = replace(variant, align=value == "true")
-        elif key in ("merge", "budget", "router_rows"):
-            variant = replace(variant, **{key: value})
+            values[key] = value == "true"
+        elif key == "oprune_budget":
+            if not value.isdigit() or int(value) < 1:
+                raise MoemergeError(f"--methods {spec}: oprune_budget must be a whole number of at least 1")
+            values[key] = int(value)
         else:
-            keys = ", ".join(sorted(option_keys | {"merge", "align", "budget", "router_rows"}))
-            raise MoemergeError(f"--methods {spec}: unknown key {key!r}; use one of: {keys}")
-    variant = replace(variant, options=MethodOptions(**options))
-    effective = method_options(name, variant.options)
-    resolve("cluster", effective.cluster)
-    resolve("merge", variant.merge)
-    resolve("router-rows", variant.router_rows)
-    check_linkage(effective.linkage, effective.distance)
-    check_choice("metric", effective.metric, METRICS)
-    check_choice("k-means init", effective.kmeans_init, KMEANS_INITS)
-    check_choice("budget", variant.budget, BUDGETS)
-    if not isinstance(effective.oprune_budget, int) or effective.oprune_budget < 1:
-        raise MoemergeError(f"--methods {spec}: oprune_budget must be a whole number of at least 1")
-    return variant
+            values[key] = value
+    try:
+        return Variant(spec, ReduceOptions(**values))
+    except MoemergeError as err:
+        raise MoemergeError(f"--methods {spec}: {err}") from None
 
 
 def compare(
@@ -139,11 +131,9 @@ def compare(
     """Reduce the model in directory ``model`` by every variant in ``methods`` to every count in ``experts``,
     measure each, and write results.csv, results.md and plots to ``out``. Returns the rows (the
     original model first)."""
-    variants = [parse_variant(spec, seed) for spec in methods]
+    variants = [parse_variant(spec, seed, router) for spec in methods]
     if not variants or not experts:
         raise MoemergeError("give at least one --methods variant and one --experts count")
-    for v in variants:
-        check_combination(v.method, v.options, router, v.align)
     check_evaluation(data, max_tokens, seq_len, tasks, limit, tasks_source, batch_size)
     check_spec(calib)
     check_output(out, force, reads=(model, calib, data))
@@ -157,7 +147,7 @@ def compare(
     for r in experts:
         target_experts(n, r, None)
         for v in variants:
-            check_budget(source.family, config, r, v.budget, router)
+            check_budget(source.family, config, r, v.options.budget, router)
     calibrating = (calib, calib_samples, calib_seq_len, seed)
     windows = (data, max_tokens, seq_len)
     whole = whole_model_reason([source], tasks)
@@ -193,17 +183,15 @@ def _grid_layer_by_layer(source, config, variants, experts, router, calibrating,
     calib, calib_samples, calib_seq_len, seed = calibrating
     calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
     text, _, chunks = evaluation_windows(stream.skeleton, tokenizer, *windows)
-    needs = statistics_needs([(v.method, v.options, v.merge, v.router_rows) for v in variants])
+    needs = statistics_needs([v.options for v in variants])
     with phase(f"statistics of {len(stream.views)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
         stats = layer_statistics(stream, stream.views, [calibration.sequences], needs, progress)[0]
     cells, timing = {}, {}
     for r in experts:
         for variant in variants:
             start = time.perf_counter()
-            groups = plan_groups(
-                stats, family, config, r, variant.method, router=router, options=variant.options, budget=variant.budget
-            )
-            cell = ReducedLayers(stream, stats, groups, variant, router)
+            groups = plan_groups(stats, family, config, r, variant.options)
+            cell = ReducedLayers(stream, stats, groups, variant.options)
             cells[variant.spec, r] = Candidate(layer=cell.make)
             timing[variant.spec, r] = (cell, time.perf_counter() - start)
     with phase(f"measuring the original and {len(cells)} reductions, one decoder layer at a time"):
@@ -226,14 +214,14 @@ def _grid_whole(source, config, variants, experts, router, calibrating, windows,
     calib, calib_samples, calib_seq_len, seed = calibrating
     calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
     text, _, chunks = evaluation_windows(loaded, tokenizer, *windows)
-    needs = statistics_needs([(v.method, v.options, v.merge, v.router_rows) for v in variants])
+    needs = statistics_needs([v.options for v in variants])
     stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
     baseline = measure(loaded, tokenizer, family, chunks, None, *evaluation)
     rows = [row_of("original", n, n, [n] * len(layers), baseline, sum(p.numel() for p in loaded.parameters()), 0)]
     for r in experts:
         for variant in variants:
             start = time.perf_counter()
-            reduced, groups = reduce_variant(loaded, family, config, stats, variant, r, router, stored)
+            reduced, groups = reduce_variant(loaded, family, config, stats, variant.options, r, stored)
             seconds = time.perf_counter() - start
             result = measure(reduced, tokenizer, family, chunks, loaded, *evaluation, False)
             counts = [len(groups[view.layer]) for view in layers]
@@ -249,8 +237,8 @@ class ReducedLayers:
     mc-smoe, the ``router`` mode installed); :meth:`make` is a :data:`moemerge.streaming.measure.LayerMaker`.
     ``seconds``: the time spent reducing so far."""
 
-    def __init__(self, stream: LayerStream, stats: dict, groups: dict, variant: Variant, router: str):
-        self.stream, self.stats, self.groups, self.variant, self.router = stream, stats, groups, variant, router
+    def __init__(self, stream: LayerStream, stats: dict, groups: dict, options: ReduceOptions):
+        self.stream, self.stats, self.groups, self.options = stream, stats, groups, options
         self.seconds = 0.0
 
     @contextmanager
@@ -264,42 +252,39 @@ class ReducedLayers:
         layer = copy.deepcopy(original)
         path = next(name for name, module in original.named_modules() if module is view.block)
         own = MoELayerView(index, layer.get_submodule(path), view.routing)
-        v, groups = self.variant, self.groups[index]
-        router = merge_layer(own, groups, self.stats[index], v.merge, v.router_rows, v.align)
+        o, groups = self.options, self.groups[index]
+        router = merge_layer(own, groups, self.stats[index], o.merge, o.router_rows, o.align)
         to_storage(layer, stored)
-        if v.method in COMPRESSING_METHODS:
-            compress_experts([own], compression_rank(own, None, DEFAULT_SPARSITY, None), DEFAULT_SPARSITY)
+        if resolve("method", o.method).compresses:
+            compress_experts([own], compression_rank(own, o.rank, o.sparsity, o.param_budget), o.sparsity)
         to_compute(layer, self.stream.compute)
-        if self.router == "grouped":
+        if o.router == "grouped":
             top_k = self.stream.family.routing_rule(self.stream.skeleton.config).top_k
             install_grouped_routers([own], {index: router}, {index: groups}, top_k)
         self.seconds += time.perf_counter() - start
         yield layer, own.block
 
 
-def reduce_variant(
-    model, family, config, stats: dict, variant: Variant, r: int, router: str = "reduce", stored_dtypes=None
-):
-    """(a reduced deep copy of ``model``, its groups): ``variant`` at ``r`` experts per layer (on average, for a
-    non-uniform budget) from the calibration statistics ``stats``, with the ``router`` mode installed.
+def reduce_variant(model, family, config, stats: dict, options: ReduceOptions, r: int, stored_dtypes=None):
+    """(a reduced deep copy of ``model``, its groups): reduced with ``options`` to ``r`` experts per layer (on
+    average, for a non-uniform budget) from the calibration statistics ``stats``, its router mode installed.
 
     ``stored_dtypes``: the dtypes the model's tensors are stored in, when it computes in another
     (:func:`moemerge.precision.compute_in_fastest`): the reduced weights are rounded to them, as ``reduce`` writes
     them, and the copy computes in the model's dtype again."""
     compute = model.dtype
     reduced = copy.deepcopy(model)
-    groups = plan_groups(
-        stats, family, config, r, variant.method, router=router, options=variant.options, budget=variant.budget
-    )
-    originals = apply_groups(reduced, family, stats, groups, variant.merge, variant.router_rows, align=variant.align)
+    groups = plan_groups(stats, family, config, r, options)
+    originals = apply_groups(reduced, family, stats, groups, options.merge, options.router_rows, align=options.align)
     layers = family.moe_layers(reduced)
     if stored_dtypes:
         to_storage(reduced, stored_dtypes)
-    if variant.method in COMPRESSING_METHODS:
-        compress_experts(layers, compression_rank(layers[0], None, DEFAULT_SPARSITY, None), DEFAULT_SPARSITY)
+    if resolve("method", options.method).compresses:
+        rank = compression_rank(layers[0], options.rank, options.sparsity, options.param_budget)
+        compress_experts(layers, rank, options.sparsity)
     if stored_dtypes:
         to_compute(reduced, compute)
-    if router == "grouped":
+    if options.router == "grouped":
         install_grouped_routers(layers, originals, groups, family.routing_rule(config).top_k)
     return reduced, groups
 

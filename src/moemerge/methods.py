@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from moemerge.defaults import OPRUNE_BUDGET
 from moemerge.grouping import (
     SoftGroups,
     expert_features,
@@ -29,66 +30,66 @@ from moemerge.grouping import (
 from moemerge.registry import register, resolve
 from moemerge.statistics import LayerStatistics
 
-# Methods that keep whole experts: with them, --router reduce already routes exactly as the pruned model.
-PRUNING_METHODS = ("f-prune", "s-prune", "reap", "o-prune")
-# Methods that need every expert's output on sampled tokens (collect_statistics(output_sample=...)).
-NEEDS_EXPERT_OUTPUTS = ("o-prune",)
+if TYPE_CHECKING:
+    from moemerge.options import ReduceOptions
 
 
 @dataclass(frozen=True)
-class MethodOptions:
-    """Options of the methods; each reads the ones it needs.
+class Method:
+    """A registered ``--method``: called as ``method(stats, experts, r, options)`` -> groups.
 
-    metric / distance / cluster / linkage / kmeans_init: how hc-smoe compares and clusters experts
-        (defaults: the paper's expert outputs, Euclidean, hierarchical, average linkage).
-    oprune_budget: O-prune searches all subsets when there are at most this many, else this many
-        random subsets.
-    seed: seed of O-prune's random subsets and of k-means.
+    prunes: it keeps whole experts (one-member groups of the kept ones), so --router reduce already routes
+        exactly as the pruned model and grouped routing adds nothing.
+    preset: options its name fixes, whatever else was asked (:meth:`ReduceOptions.effective`).
+    compresses: its merged experts are then compressed to low-rank plus sparse (:mod:`moemerge.merging.low_rank`).
     """
 
-    metric: str = "expert-output"
-    distance: str = "euclidean"
-    cluster: str = "hierarchical"
-    linkage: str = "average"
-    kmeans_init: str = "first"
-    oprune_budget: int = OPRUNE_BUDGET
-    seed: int = 0
+    choose: Callable[[LayerStatistics, list[int], int, ReduceOptions], list[list[int]]]
+    prunes: bool = False
+    preset: Mapping[str, str] = field(default_factory=dict)
+    compresses: bool = False
+
+    def __call__(self, stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions):
+        return self.choose(stats, experts, r, options)
 
 
-# Methods that are hc-smoe with other options: the name fixes them, whatever else was asked.
+def method(name: str, needs: tuple[str, ...] = (), **declared) -> Callable:
+    """Decorator: register a function as the :class:`Method` ``name`` (``needs``: the optional statistics it reads,
+    as :func:`moemerge.registry.register`; ``declared``: the Method's other fields)."""
+
+    def add(choose: Callable) -> Callable:
+        register("method", name, needs)(Method(choose, **declared))
+        return choose
+
+    return add
+
+
+# M-SMoE's grouping: what the names m-smoe and mc-smoe fix
 M_SMOE_GROUPING = {"metric": "router-logits", "distance": "cosine", "cluster": "single-shot"}
-PRESETS = {"m-smoe": M_SMOE_GROUPING, "mc-smoe": M_SMOE_GROUPING}
-# Methods whose merged experts are then compressed to low-rank plus sparse (merging.low_rank).
-COMPRESSING_METHODS = ("mc-smoe",)
-
-
-def method_options(method: str, options: MethodOptions) -> MethodOptions:
-    """The options ``method`` runs with: ``options`` with the method's preset applied."""
-    return replace(options, **PRESETS.get(method, {}))
 
 
 @register("cluster", "hierarchical")
-def _hierarchical(features: np.ndarray, counts: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+def _hierarchical(features: np.ndarray, counts: np.ndarray, r: int, options: ReduceOptions) -> np.ndarray:
     return hierarchical_labels(features, r, options.linkage, options.distance)
 
 
 @register("cluster", "kmeans")
-def _kmeans(features: np.ndarray, counts: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+def _kmeans(features: np.ndarray, counts: np.ndarray, r: int, options: ReduceOptions) -> np.ndarray:
     return kmeans_labels(features, r, options.kmeans_init, options.distance, options.seed)
 
 
 @register("cluster", "single-shot")
-def _single_shot(features: np.ndarray, counts: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+def _single_shot(features: np.ndarray, counts: np.ndarray, r: int, options: ReduceOptions) -> np.ndarray:
     return single_shot_labels(features, counts, r, options.distance)
 
 
 @register("cluster", "fcm")
-def _fcm(features: np.ndarray, counts: np.ndarray, r: int, options: MethodOptions) -> np.ndarray:
+def _fcm(features: np.ndarray, counts: np.ndarray, r: int, options: ReduceOptions) -> np.ndarray:
     return fcm_memberships(features, r, options.distance, options.seed)
 
 
-@register("method", "hc-smoe")
-def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+@method("hc-smoe")
+def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """HC-SMoE: cluster the experts by ``options.metric`` features (default: mean outputs o_j) into exactly r
     groups with ``options.cluster`` (default: hierarchical, average linkage, Euclidean).
 
@@ -102,12 +103,13 @@ def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodO
     return labels_to_groups(assignment, ids=experts)
 
 
-@register("method", "m-smoe")
-def m_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+@method("m-smoe", preset=M_SMOE_GROUPING)
+def m_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """M-SMoE (Li et al. 2024) without its fine-tuning: the r most frequently selected experts are dominant, and
     every other expert joins the dominant whose router logits over all calibration tokens are most similar
-    (cosine). The merge is ``--merge`` (frequency by default, as M-SMoE); MC-SMoE's compression is not applied."""
-    return hc_smoe(stats, experts, r, method_options("m-smoe", options))
+    (cosine): hc-smoe with the preset M_SMOE_GROUPING. The merge is ``--merge`` (frequency by default, as M-SMoE);
+    MC-SMoE's compression is not applied."""
+    return hc_smoe(stats, experts, r, options)
 
 
 def keep_highest(score: torch.Tensor, experts: list[int], r: int) -> list[list[int]]:
@@ -116,28 +118,28 @@ def keep_highest(score: torch.Tensor, experts: list[int], r: int) -> list[list[i
     return [[j] for j in sorted(kept)]
 
 
-@register("method", "f-prune")
-def f_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+@method("f-prune", prunes=True)
+def f_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """F-prune: keep the r experts most often selected in the router's top-k."""
     return keep_highest(stats.counts, experts, r)
 
 
-@register("method", "s-prune")
-def s_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+@method("s-prune", prunes=True)
+def s_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """S-prune: keep the r experts with the largest router probability (sigmoid score for DeepSeek-V3)
     summed over all calibration tokens, whether or not they were selected."""
     return keep_highest(stats.prob_sum, experts, r)
 
 
-@register("method", "reap")
-def reap(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+@method("reap", prunes=True)
+def reap(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """REAP (Cerebras 2025): keep the r experts of highest saliency, the mean over the tokens routed to j
     of g_j(x) ||E_j(x)||_2 with g the renormalised top-k weight; an expert never routed to scores 0."""
     return keep_highest(stats.reap, experts, r)
 
 
-@register("method", "o-prune")
-def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+@method("o-prune", needs=("expert_outputs", "router_logits"), prunes=True)
+def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """O-prune (Lu et al. 2024): keep the set S of r experts minimising sum_x ||MoE(x) - MoE_S(x)||^2 over the
     sampled calibration tokens, where MoE_S masks the other experts' logits to -inf before routing.
 
@@ -170,8 +172,8 @@ def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: MethodO
     return [[j] for j in sorted(best)]
 
 
-@register("method", "mc-smoe")
-def mc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: MethodOptions) -> list[list[int]]:
+@method("mc-smoe", preset=M_SMOE_GROUPING, compresses=True)
+def mc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """MC-SMoE (Li et al. 2024) without its distillation: M-SMoE's groups; the pipeline then compresses every
     merged expert to low-rank plus sparse (``--rank``, ``--sparsity``)."""
-    return hc_smoe(stats, experts, r, method_options("mc-smoe", options))
+    return hc_smoe(stats, experts, r, options)

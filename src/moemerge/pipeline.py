@@ -7,11 +7,9 @@ The steps are public functions too (:func:`prepare`, :func:`plan`, :func:`write_
 
 from __future__ import annotations
 
-import inspect
 import platform
 import time
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -33,10 +31,9 @@ from moemerge.checkpoint.source import (
     stored_expert_counts,
 )
 from moemerge.checkpoint.writer import copied_files
-from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, OPRUNE_BUDGET
 from moemerge.distributed import barrier, is_writer
 from moemerge.errors import MoemergeError
-from moemerge.grouping import BUDGETS, KMEANS_INITS, METRICS, SoftGroups, check_linkage, layer_budgets
+from moemerge.grouping import BUDGETS, SoftGroups, layer_budgets
 from moemerge.merging import (
     align_groups,
     factor_count,
@@ -48,13 +45,7 @@ from moemerge.merging import (
     reconstruct,
     routed_tokens,
 )
-from moemerge.methods import (
-    COMPRESSING_METHODS,
-    NEEDS_EXPERT_OUTPUTS,
-    PRUNING_METHODS,
-    MethodOptions,
-    method_options,
-)
+from moemerge.options import ReduceOptions
 from moemerge.output_files import atomic_output, check_output
 from moemerge.precision import compute_dtype, describe, dtype_name, model_dtype, to_compute, to_storage
 from moemerge.progress import log, phase
@@ -62,13 +53,10 @@ from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
 
-ROUTER_MODES = ("reduce", "grouped")
 ROUTER_SAMPLE_TOKENS = 8192
 OUTPUT_SAMPLE_TOKENS = 512
-DEFAULT_SPARSITY = 0.9  # MC-SMoE: share of each compressed matrix's low-rank residual set to zero
 # the LayerStatistics field [n] a non-uniform budget shares the experts by
 BUDGET_SCORES = {"frequency": "counts", "probability": "prob_sum"}
-NOT_OPTIONS = ("model", "out", "force", "allow_pickle", "progress", "load")  # prepare's arguments a recipe omits
 
 
 @dataclass
@@ -114,32 +102,29 @@ def plan_groups(
     family: MoEFamily,
     config,
     r: int,
-    method: str = "hc-smoe",
-    linkage: str = "average",
-    router: str = "reduce",
-    oprune_budget: int = OPRUNE_BUDGET,
-    seed: int = 0,
-    options: MethodOptions | None = None,
-    budget: str = "uniform",
+    options: ReduceOptions | None = None,
+    **settings,
 ) -> dict[int, list[list[int]]]:
-    """Groups of original expert ids per decoder layer by the method named ``method``: r per layer, or
-    r on average with a non-uniform ``budget`` (:mod:`moemerge.grouping.budgets`).
+    """Groups of original expert ids per decoder layer by ``options.method``: r per layer, or r on average with a
+    non-uniform ``options.budget`` (:mod:`moemerge.grouping.budgets`).
 
-    ``options`` gives every method option at once; without it, ``linkage``, ``oprune_budget`` and
-    ``seed`` are used with the other defaults. A layer whose budget keeps all its experts gets
-    one-member groups.
+    ``options``: a :class:`ReduceOptions`, or its fields as keyword ``settings`` (e.g. ``method="f-prune"``). A
+    layer whose budget keeps all its experts gets one-member groups.
     """
-    choose = resolve("method", method)
-    options = options or MethodOptions(linkage=linkage, oprune_budget=oprune_budget, seed=seed)
-    kept = experts_per_layer(stats, family, config, r, budget, router)
+    if options is None:
+        options = ReduceOptions.from_dict(settings)
+    elif settings:
+        raise TypeError("give options or their fields as keywords, not both")
+    choose, effective = resolve("method", options.method), options.effective()
+    kept = experts_per_layer(stats, family, config, r, options.budget, options.router)
     n = family.num_experts(config)
     plan = {}
     for layer, layer_stats in stats.items():
         if kept[layer] == n:
             plan[layer] = [[j] for j in range(n)]
             continue
-        blocks = family.partitions(config, kept[layer], check_top_k=router == "reduce")
-        parts = [choose(layer_stats, ids, share, options) for ids, share in blocks]
+        blocks = family.partitions(config, kept[layer], check_top_k=options.router == "reduce")
+        parts = [choose(layer_stats, ids, share, effective) for ids, share in blocks]
         if isinstance(parts[0], SoftGroups):
             plan[layer] = SoftGroups.concat(parts)
         else:
@@ -197,30 +182,6 @@ def check_layer_groups(family: MoEFamily, config, groups: dict[int, list[list[in
             raise MoemergeError(
                 f"layer {layer} has {shares} groups in its routing blocks; the router needs {[s for _, s in blocks]}"
             )
-
-
-def makes_soft_groups(method: str, options: MethodOptions) -> bool:
-    """Whether ``method`` with ``options`` groups experts by memberships (fuzzy c-means)."""
-    return method_options(method, options).cluster == "fcm" and method not in PRUNING_METHODS
-
-
-def default_options() -> dict:
-    """The defaults of :func:`prepare`'s options (its keyword arguments but NOT_OPTIONS)."""
-    parameters = inspect.signature(prepare).parameters.values()
-    return {p.name: p.default for p in parameters if p.name not in NOT_OPTIONS}
-
-
-def check_option_types(options: dict) -> None:
-    """Raise MoemergeError for an unknown option or one given a value of the wrong type (``options``: keyword
-    arguments of :func:`prepare` but NOT_OPTIONS, e.g. a recipe's; ``True`` is not a number, 2 is a float)."""
-    hints = typing.get_type_hints(prepare)
-    for key, value in options.items():
-        if key not in hints or key in NOT_OPTIONS:
-            raise MoemergeError(f"unknown option {key!r}")
-        allowed = typing.get_args(hints[key]) or (hints[key],)
-        if not any(type(value) is t or (t is float and type(value) is int) for t in allowed):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise MoemergeError(f"option {key} is {value!r}, not {names}")
 
 
 @torch.no_grad()
@@ -319,41 +280,18 @@ def compress_experts(
     return factors, saved
 
 
-def statistics_needs(variants: list[tuple[str, MethodOptions, str, str]]) -> dict:
-    """The optional parts of :func:`collect_statistics` that the (method, options, merge, router rows) of
-    ``variants`` use, as its keyword arguments: sampled router inputs (lse rows, fix-dom / zipit, o-prune),
-    sampled expert outputs (o-prune), all router logits or the weight Gram matrix (clustering metrics)."""
-    outputs = any(method in NEEDS_EXPERT_OUTPUTS for method, *_ in variants)
-    sample = outputs or any(rows == "lse" or resolve("merge", merge).match is not None for *_, merge, rows in variants)
-    metrics = {method_options(m, o).metric for m, o, *_ in variants if m not in PRUNING_METHODS}
+def statistics_needs(variants: list[ReduceOptions]) -> dict:
+    """The optional parts of :func:`collect_statistics` that ``variants`` read (:meth:`ReduceOptions.statistics`),
+    as its keyword arguments: sampled router inputs, sampled router logits and expert outputs, every token's router
+    logits, the weight Gram matrix."""
+    needed = frozenset().union(*(options.statistics() for options in variants))
+    outputs = bool(needed & {"expert_outputs", "router_logits"})
     return {
-        "router_sample": ROUTER_SAMPLE_TOKENS if sample else 0,
+        "router_sample": ROUTER_SAMPLE_TOKENS if outputs or "router_inputs" in needed else 0,
         "output_sample": OUTPUT_SAMPLE_TOKENS if outputs else 0,
-        "keep_router_logits": "router-logits" in metrics,
-        "weight_gram": "weight" in metrics,
+        "keep_router_logits": "router_logit_features" in needed,
+        "weight_gram": "weight_gram" in needed,
     }
-
-
-def check_combination(method: str, options: MethodOptions, router: str, align: bool) -> None:
-    """Raise MoemergeError for a router mode or ``align`` that the method (with its options) cannot use."""
-    if router not in ROUTER_MODES:
-        raise MoemergeError(f"unknown router mode {router!r}; choose one of: {', '.join(ROUTER_MODES)}")
-    if router == "grouped" and method in PRUNING_METHODS:
-        raise MoemergeError(
-            f"--method {method} keeps whole experts, and --router reduce already routes exactly as the pruned "
-            "model (dropped experts masked out); use --router reduce"
-        )
-    soft = makes_soft_groups(method, options)
-    if soft and router == "grouped":
-        raise MoemergeError(
-            "--cluster fcm puts every expert in every group by a membership, and grouped routing needs each expert "
-            "in one group; use --router reduce"
-        )
-    if soft and align:
-        raise MoemergeError(
-            "--align permutes each expert towards its one group's dominant expert, but --cluster fcm puts every "
-            "expert in every group; drop --align (fix-dom and zipit match neurons per group by themselves)"
-        )
 
 
 def check_uniform_source(path: Path) -> None:
@@ -388,7 +326,7 @@ class Prepared:
     calibration statistics."""
 
     model_arg: str | Path
-    options: dict
+    options: ReduceOptions
     source: SourceModel
     identity: dict
     config: PretrainedConfig
@@ -407,121 +345,71 @@ def prepare(
     model: str | Path,
     out: str | Path | None,
     *,
-    experts: int | None = None,
-    ratio: float | None = None,
-    method: str = "hc-smoe",
-    metric: str = "expert-output",
-    distance: str = "euclidean",
-    cluster: str = "hierarchical",
-    linkage: str = "average",
-    kmeans_init: str = "first",
-    merge: str = "frequency",
-    align: bool = False,
-    rank: int | None = None,
-    sparsity: float = DEFAULT_SPARSITY,
-    param_budget: float | None = None,
-    router: str = "reduce",
-    router_rows: str = "lse",
-    oprune_budget: int = OPRUNE_BUDGET,
-    budget: str = "uniform",
-    calib: str | None = None,
-    calib_samples: int = CALIB_SAMPLES,
-    calib_seq_len: int = CALIB_SEQ_LEN,
-    device: str = "cpu",
-    dtype: str = "auto",
-    seed: int = 0,
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
     load: bool = True,
+    options: ReduceOptions | None = None,
+    **settings,
 ) -> Prepared:
     """Check every option (and ``out``, unless None), load the model and collect its calibration statistics.
 
-    The keyword arguments are :func:`reduce_in_memory`'s; they are kept (without force, allow_pickle, progress, load) as
-    ``Prepared.options``, which is what a recipe records. ``load=False`` stops after the checks and the
-    calibration tokens (``loaded`` None, no layers or statistics, ``rank`` unresolved): the streaming path
-    loads one layer at a time itself.
+    ``options``: a :class:`ReduceOptions`, or its fields as keyword ``settings`` (:func:`reduce_in_memory`'s); a
+    recipe records them. ``load=False`` stops after the checks and the calibration tokens (``loaded`` None, no
+    layers or statistics, ``rank`` unresolved): the streaming path loads one layer at a time itself.
     """
-    recorded = {k: v for k, v in locals().items() if k not in NOT_OPTIONS}
-    check_option_types(recorded)
+    if options is None:
+        options = ReduceOptions.from_dict(settings)
+    elif settings:
+        raise TypeError("give options or their fields as keywords, not both")
+    o = options
     start = time.perf_counter()
-    for kind, name in (("method", method), ("cluster", cluster), ("merge", merge), ("router-rows", router_rows)):
-        resolve(kind, name)
-    check_linkage(linkage, distance)
-    check_choice("metric", metric, METRICS)
-    check_choice("k-means init", kmeans_init, KMEANS_INITS)
-    options = method_options_of(recorded)
-    check_combination(method, options, router, align)
-    if oprune_budget < 1:
-        raise MoemergeError(f"--oprune-budget {oprune_budget} must be at least 1")
-    if (rank is not None and rank < 1) or not 0 <= sparsity <= 1:
-        raise MoemergeError(f"--rank ({rank}) must be at least 1 and --sparsity ({sparsity}) between 0 and 1")
-    if param_budget is not None and (rank is not None or not 0 < param_budget <= 1):
-        raise MoemergeError(
-            f"--param-budget {param_budget} must be a fraction in (0, 1] of each merged matrix's size, and replaces "
-            "--rank: give one of them"
-        )
-    storage_option, dev = resolve_dtype(dtype), resolve_device(device)
-    check_spec(calib)
+    storage_option, dev = resolve_dtype(o.dtype), resolve_device(o.device)
+    check_spec(o.calib)
     source = inspect_source(model, allow_pickle=allow_pickle)
     if out is not None:
-        check_output(out, force, reads=(model, calib))
+        check_output(out, force, reads=(model, o.calib))
         copied_files(source.path)
     check_uniform_source(source.path)
     config = AutoConfig.from_pretrained(source.path)
     n = source.family.num_experts(config)
-    r = target_experts(n, experts, ratio)
-    check_budget(source.family, config, r, budget, router)
-    check_calibration_size(calib_samples, calib_seq_len, config.max_position_embeddings)
+    r = target_experts(n, o.experts, o.ratio)
+    check_budget(source.family, config, r, o.budget, o.router)
+    check_calibration_size(o.calib_samples, o.calib_seq_len, config.max_position_embeddings)
     identity = model_identity(source, config)
     storage = model_dtype(config, storage_option)
     compute = compute_dtype(storage, dev)
     log.info(describe(storage, compute))
 
     if not load:
+        vocab_size = config.get_text_config().vocab_size
         calibration = load_calibration(
-            calib, load_tokenizer(source), calib_samples, calib_seq_len, seed, config.get_text_config().vocab_size
+            o.calib, load_tokenizer(source), o.calib_samples, o.calib_seq_len, o.seed, vocab_size
         )
-        return Prepared(
-            model, recorded, source, identity, config, None, calibration, [], {}, r, rank, compute, {}, start
-        )
+        return Prepared(model, o, source, identity, config, None, calibration, [], {}, r, o.rank, compute, {}, start)
     with phase(f"loading {source.path}"):
-        loaded, tokenizer = load_source(source, dtype=dtype, device=device)
+        loaded, tokenizer = load_source(source, dtype=o.dtype, device=o.device)
         stored = to_compute(loaded, compute)
     vocab_size = loaded.get_input_embeddings().num_embeddings
-    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab_size)
+    calibration = load_calibration(o.calib, tokenizer, o.calib_samples, o.calib_seq_len, o.seed, vocab_size)
     layers = source.family.moe_layers(loaded)
     if not layers:
         raise MoemergeError(f"{source.path} has no MoE layers (every layer is dense): nothing to reduce")
-    if method in COMPRESSING_METHODS:
-        rank = compression_rank(layers[0], rank, sparsity, param_budget)
-    needs = statistics_needs([(method, options, merge, router_rows)])
+    rank = o.rank
+    if resolve("method", o.method).compresses:
+        rank = compression_rank(layers[0], o.rank, o.sparsity, o.param_budget)
+    needs = statistics_needs([o])
     with phase(f"statistics of {len(layers)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
         stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
     return Prepared(
-        model, recorded, source, identity, config, loaded, calibration, layers, stats, r, rank, compute, stored, start
+        model, o, source, identity, config, loaded, calibration, layers, stats, r, rank, compute, stored, start
     )
 
 
 def plan(run: Prepared) -> dict[int, list[list[int]]]:
     """The groups per decoder layer that :func:`reduce_in_memory` would use for a prepared run."""
-    o = run.options
-    with phase(f"grouping ({o['method']})"):
-        return plan_groups(
-            run.stats,
-            run.source.family,
-            run.config,
-            run.r,
-            o["method"],
-            router=o["router"],
-            options=method_options_of(o),
-            budget=o["budget"],
-        )
-
-
-def method_options_of(options: dict) -> MethodOptions:
-    """The :class:`MethodOptions` in a dict of :func:`prepare`'s keyword arguments."""
-    return MethodOptions(**{f.name: options[f.name] for f in fields(MethodOptions)})
+    with phase(f"grouping ({run.options.method})"):
+        return plan_groups(run.stats, run.source.family, run.config, run.r, run.options)
 
 
 def reduce_in_memory(
@@ -556,23 +444,20 @@ def write_reduced(
         from moemerge.report import architecture
 
         original = architecture(str(run.model_arg), loaded, source.family, run.config)
-    method, sparsity = o["method"], o["sparsity"]
     params_before = sum(p.numel() for p in loaded.parameters())
-    with phase(f"merging ({o['merge']})"):
-        originals = apply_groups(
-            loaded, source.family, stats, groups, o["merge"], o["router_rows"], progress, o["align"]
-        )
+    with phase(f"merging ({o.merge})"):
+        originals = apply_groups(loaded, source.family, stats, groups, o.merge, o.router_rows, progress, o.align)
         to_storage(loaded, run.stored_dtypes)
 
     stored_params = compression = None
-    if method in COMPRESSING_METHODS:
-        with phase(f"compressing (rank {run.rank}, sparsity {sparsity})"):
-            lowrank, saved = compress_experts(layers, run.rank, sparsity, progress)
+    if resolve("method", o.method).compresses:
+        with phase(f"compressing (rank {run.rank}, sparsity {o.sparsity})"):
+            lowrank, saved = compress_experts(layers, run.rank, o.sparsity, progress)
         stored_params = sum(p.numel() for p in loaded.parameters()) - saved
         compression = compression_record(run, stored_params)
 
     tensor_files = {LOWRANK_FILE: lowrank} if compression else {}
-    if o["router"] == "grouped":
+    if o.router == "grouped":
         tensor_files[SIDECAR] = router_tensors(
             {view.layer: stored_router(originals[view.layer], view) for view in layers}
         )
@@ -601,11 +486,10 @@ def write_reduced(
 
 def compression_record(run: Prepared, stored_params: int) -> dict:
     """What ``moemerge.json`` says about mc-smoe's low-rank compression."""
-    o = run.options
     return {
         "rank": run.rank,
-        "sparsity": o["sparsity"],
-        "param_budget": o["param_budget"],
+        "sparsity": run.options.sparsity,
+        "param_budget": run.options.param_budget,
         "stored_parameters": stored_params,
         "file": LOWRANK_FILE,
     }
@@ -631,34 +515,12 @@ def reduction_metadata(
 ) -> dict:
     """``moemerge.json``: method, options, source, calibration, package versions and the layers' groups."""
     o, source = run.options, run.source
-    effective = method_options(o["method"], method_options_of(o))
-    parameters = {
-        "experts": run.r,
-        "ratio": o["ratio"],
-        "metric": effective.metric,
-        "distance": effective.distance,
-        "cluster": effective.cluster,
-        "linkage": o["linkage"],
-        "kmeans_init": o["kmeans_init"],
-        "merge": o["merge"],
-        "align": o["align"],
-        "rank": run.rank,
-        "sparsity": o["sparsity"],
-        "param_budget": o["param_budget"],
-        "router_rows": o["router_rows"],
-        "oprune_budget": o["oprune_budget"],
-        "budget": o["budget"],
-        "calib": o["calib"],
-        "calib_samples": o["calib_samples"],
-        "calib_seq_len": o["calib_seq_len"],
-        "dtype": o["dtype"],
-        "device": o["device"],
-        "seed": o["seed"],
-    }
+    parameters = o.effective().as_dict() | {"experts": run.r, "rank": run.rank}
+    del parameters["method"], parameters["router"]  # recorded beside the parameters
     meta = {
         "format_version": 1,
-        "method": o["method"],
-        "router": o["router"],
+        "method": o.method,
+        "router": o.router,
         "parameters": parameters,
         "compute_dtype": dtype_name(run.compute_dtype),
         "source": {
@@ -690,10 +552,10 @@ def write_reduce_report(
     the chosen groups."""
     from moemerge.report import write_report
 
-    title = f"moemerge reduce ({run.options['method']}, {run.r} of {run.source.family.num_experts(run.config)} experts)"
+    title = f"moemerge reduce ({run.options.method}, {run.r} of {run.source.family.num_experts(run.config)} experts)"
     with phase("report"):
         calibrated = {run.calibration.spec: stats}
-        write_report(out / "report", original, calibrated, groups, run.options["linkage"], title, progress)
+        write_report(out / "report", original, calibrated, groups, run.options.linkage, title, progress)
 
 
 def layer_record(layer: int, groups: list[list[int]], stats: LayerStatistics) -> dict:

@@ -30,14 +30,11 @@ from moemerge.errors import MoemergeError
 from moemerge.grouping import SoftGroups
 from moemerge.grouping.groups import groups_problem, layers_problem
 from moemerge.input_files import check_regular_file
+from moemerge.options import ReduceOptions
 from moemerge.output_files import check_output, write_json
 from moemerge.pipeline import (
     ReduceResult,
     check_layer_groups,
-    check_option_types,
-    default_options,
-    makes_soft_groups,
-    method_options_of,
     plan,
     prepare,
     write_reduced,
@@ -69,7 +66,7 @@ def plan_recipe(
     content = {
         "schema": SCHEMA,
         "model": run.identity,
-        "options": run.options,
+        "options": run.options.as_dict(),
         "calibration": {
             "spec": run.calibration.spec,
             "tokens": run.calibration.num_tokens,
@@ -156,7 +153,7 @@ def _recipe_problem(content: dict) -> str | None:
         if type(record.get(key)) is not kind:
             return f"{name}.{key} is {record.get(key)!r}, not a {kind.__name__}"
     try:
-        check_option_types(content["options"])
+        ReduceOptions.from_dict(content["options"])
     except MoemergeError as err:
         return str(err)
     if not content["layers"]:
@@ -190,8 +187,8 @@ def recipe_groups(content: dict, family: MoEFamily, config, recipe) -> dict[int,
     blocks the router allows (:func:`moemerge.pipeline.check_layer_groups`), and memberships exactly when the
     recorded options make soft groups (``--cluster fcm``)."""
     n = family.num_experts(config)
-    options = default_options() | content["options"]
-    soft = makes_soft_groups(options["method"], method_options_of(options))
+    options = ReduceOptions.from_dict(content["options"])
+    soft = options.soft_groups
     groups = {}
     for entry in content["layers"]:
         layer, memberships = entry["layer"], entry.get("memberships")
@@ -208,7 +205,7 @@ def recipe_groups(content: dict, family: MoEFamily, config, recipe) -> dict[int,
         else:
             groups[layer] = [list(g) for g in entry["groups"]]
     try:
-        check_layer_groups(family, config, groups, options["router"])
+        check_layer_groups(family, config, groups, options.router)
     except MoemergeError as err:
         raise MoemergeError(f"recipe {recipe}: {err}") from None
     return groups

@@ -15,19 +15,31 @@ from moemerge.errors import MoemergeError
 F = TypeVar("F", bound=Callable)
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+_NEEDS: dict[tuple[str, str], frozenset[str]] = {}
 
 
-def register(kind: str, name: str) -> Callable[[F], F]:
-    """Decorator: make ``fn`` (a function, or a rule object such as a MergeRule) option value ``name`` of ``kind``."""
+def register(kind: str, name: str, needs: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Decorator: make ``fn`` (a function, or a rule object such as a MergeRule) option value ``name`` of ``kind``.
+
+    ``needs``: the optional calibration statistics it reads (fields of
+    :class:`moemerge.statistics.LayerStatistics`), which the calibration pass then collects.
+    """
 
     def add(fn: F) -> F:
         table = _REGISTRY.setdefault(kind, {})
         if name in table:
             raise ValueError(f"{kind} {name!r} registered twice")
         table[name] = fn
+        _NEEDS[kind, name] = frozenset(needs)
         return fn
 
     return add
+
+
+def needs(kind: str, name: str) -> frozenset[str]:
+    """The optional statistics that ``name`` of ``kind`` declared it reads (see :func:`register`)."""
+    resolve(kind, name)
+    return _NEEDS[kind, name]
 
 
 def names(kind: str) -> list[str]:

@@ -107,7 +107,7 @@ def _layer_by_layer(source, reference_source, windows: tuple, dtype: str, device
         own, _, _ = measure_layer_by_layer(stream, source.family, chunks, {}, progress=progress)
         return result | {"perplexity": own["perplexity"]}, costed
     config = AutoConfig.from_pretrained(reference_source.path)
-    original = LayerStream(reference_source, config, dtype, device)
+    original = LayerStream(reference_source, config, dtype, device, grouped=True)
     labels = hard_group_labels(source.path, source.family.num_experts(config))
     model = Candidate(stream=stream)
     ref, measured, stats = measure_layer_by_layer(

@@ -11,22 +11,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from moemerge.registry import check_choice
+from moemerge.registry import names, register, resolve
 from moemerge.statistics import LayerStatistics
-
-METRICS = ("expert-output", "router-logits", "weight")
 
 
 def expert_features(stats: LayerStatistics, metric: str) -> np.ndarray:
     """[n, d] float64 features of every expert of the layer under ``metric``."""
-    check_choice("metric", metric, METRICS)
-    if metric == "expert-output":
-        return stats.mean_output.double().numpy()
-    if metric == "router-logits":
-        if stats.router_logit_features is None:
-            raise ValueError("router-logits features need collect_statistics(..., keep_router_logits=True)")
-        return stats.router_logit_features.double().numpy()
+    return resolve("metric", metric)(stats)
+
+
+@register("metric", "expert-output")
+def _mean_outputs(stats: LayerStatistics) -> np.ndarray:
+    return stats.mean_output.double().numpy()
+
+
+@register("metric", "router-logits", needs=("router_logit_features",))
+def _router_logits(stats: LayerStatistics) -> np.ndarray:
+    if stats.router_logit_features is None:
+        raise ValueError("router-logits features need collect_statistics(..., keep_router_logits=True)")
+    return stats.router_logit_features.double().numpy()
+
+
+@register("metric", "weight", needs=("weight_gram",))
+def _weight_embedding(stats: LayerStatistics) -> np.ndarray:
     if stats.weight_gram is None:
         raise ValueError("weight features need collect_statistics(..., weight_gram=True)")
     eigenvalues, vectors = np.linalg.eigh(stats.weight_gram.double().numpy())
     return vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))
+
+
+METRICS = tuple(names("metric"))

@@ -76,8 +76,8 @@ def zipit_units(acts: list[torch.Tensor], alphas: torch.Tensor) -> torch.Tensor:
     return unit.view(m, size)
 
 
-register("merge", "fix-dom")(MergeRule(frequency_weights, fix_dom_units))
-register("merge", "zipit")(MergeRule(frequency_weights, zipit_units))
+register("merge", "fix-dom", needs=("router_inputs",))(MergeRule(frequency_weights, fix_dom_units))
+register("merge", "zipit", needs=("router_inputs",))(MergeRule(frequency_weights, zipit_units))
 
 
 def routed_tokens(routing, weight: torch.Tensor, bias: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:

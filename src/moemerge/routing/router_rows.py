@@ -42,7 +42,7 @@ def frequency_rows(weight, groups, alphas, stats) -> torch.Tensor:
     return torch.stack([a @ weight[g] for g, a in zip(groups, alphas, strict=True)])
 
 
-@register("router-rows", "lse")
+@register("router-rows", "lse", needs=("router_inputs",))
 def lse_rows(weight, groups, alphas, stats) -> torch.Tensor:
     """[r, H] float64 ridge least-squares fit of each group's log-sum-exp of member logits."""
     if stats.router_inputs is None:

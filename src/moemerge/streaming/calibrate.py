@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from moemerge.checkpoint.loader import grouped_routers
 from moemerge.checkpoint.source import SourceModel, resolve_device, resolve_dtype, stored_expert_counts
 from moemerge.errors import MoemergeError
-from moemerge.pipeline import method_options_of, statistics_needs
+from moemerge.pipeline import statistics_needs
 from moemerge.precision import compute_dtype, model_dtype, to_compute, to_storage
 from moemerge.progress import phase
 from moemerge.routing.grouped import install_grouped_routers
@@ -102,13 +102,16 @@ class LayerStream:
         layer = load_layer(self.skeleton, self.tensors, index, self.storage).to(self.device)
         view = self.views.get(index)
         gate = None if view is None else view.block.gate
+        as_stored = None if view is None else (view.router_weight.dtype, getattr(view.selection_bias, "dtype", None))
         stored = to_compute(layer, self.compute)
         try:
             if self.grouped is not None and view is not None:
                 routers, groups, top_k = self.grouped
                 weight, bias = routers[index]
-                router = (weight.to(view.router_weight), None if bias is None else bias.to(view.selection_bias))
-                install_grouped_routers([view], {index: router}, groups, top_k)
+                # rounded as its layer's router is stored, as moemerge.load_model's model holds it, then computed
+                weight = weight.to(as_stored[0]).to(view.router_weight)
+                bias = None if bias is None else bias.to(as_stored[1]).to(view.selection_bias)
+                install_grouped_routers([view], {index: (weight, bias)}, groups, top_k)
             yield layer, stored
         finally:
             if gate is not None:
@@ -167,11 +170,11 @@ def statistics_layer_by_layer(run, progress: bool = True) -> dict[int, LayerStat
     """The statistics of every MoE layer that grouping needs (not merging: no router samples for it) for a run
     prepared by :func:`moemerge.pipeline.prepare` with ``load=False``, one decoder layer in memory at a time."""
     o = run.options
-    stream = LayerStream(run.source, run.config, o["dtype"], o["device"])
+    stream = LayerStream(run.source, run.config, o.dtype, o.device)
     views = {view.layer: view for view in run.source.family.moe_layers(stream.skeleton)}
     if not views:
         raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
-    needs = statistics_needs([(o["method"], method_options_of(o), "frequency", "frequency")])
+    needs = statistics_needs([o.replace(merge="frequency", router_rows="frequency")])
     tokens = run.calibration.num_tokens
     with phase(f"statistics of {len(views)} MoE layers on {tokens:,} calibration tokens, one decoder layer at a time"):
         return layer_statistics(stream, views, [run.calibration.sequences], needs, progress)[0]

@@ -35,7 +35,6 @@ from moemerge.checkpoint.writer import write_extras
 from moemerge.distributed import barrier, is_writer, my_share, rank_and_world
 from moemerge.errors import MoemergeError
 from moemerge.grouping import layer_budgets
-from moemerge.methods import COMPRESSING_METHODS
 from moemerge.output_files import clear_stale, publish, writing
 from moemerge.pipeline import (
     BUDGET_SCORES,
@@ -47,7 +46,6 @@ from moemerge.pipeline import (
     compression_rank,
     compression_record,
     merge_layer,
-    method_options_of,
     plan_groups,
     prepare,
     reduce_in_memory,
@@ -59,6 +57,7 @@ from moemerge.pipeline import (
 )
 from moemerge.precision import dtype_name, to_compute, to_storage
 from moemerge.progress import log, phase
+from moemerge.registry import resolve
 from moemerge.statistics import sequence_offsets
 from moemerge.streaming.calibrate import LayerStream, collect
 from moemerge.streaming.layers import SourceTensors, layer_tensors, load_outside, outside_tensors, run_layer, unload
@@ -147,21 +146,22 @@ def reduce_prepared(
 ) -> ReduceResult:
     """:func:`reduce_streaming` of a run already prepared with ``load=False`` (its options and ``out`` checked)."""
     o, family, config = run.options, run.source.family, run.config
+    compresses = resolve("method", o.method).compresses
     if run.source.uses_pickle:
         raise MoemergeError(
             f"streaming reads safetensors shards, and {run.source.path} holds pickle weights; convert them to "
             "safetensors"
         )
-    two_pass = o["budget"] != "uniform" and planned is None
+    two_pass = o.budget != "uniform" and planned is None
     if two_pass and sequential:
         raise MoemergeError(
-            f"--budget {o['budget']} sets every layer's expert count from the original model's statistics before the "
+            f"--budget {o.budget} sets every layer's expert count from the original model's statistics before the "
             "first merge, and --sequential collects each layer's statistics after the layers before it are reduced; "
             "drop one of them"
         )
     rank_id, world = rank_and_world()
     out = Path(out)
-    stream = LayerStream(run.source, config, o["dtype"], o["device"])
+    stream = LayerStream(run.source, config, o.dtype, o.device)
     skel, source, dtype = stream.skeleton, stream.tensors, stream.storage
     views = {view.layer: view for view in family.moe_layers(skel)}
     if not views:
@@ -170,11 +170,11 @@ def reduce_prepared(
         raise MoemergeError(
             f"the recipe plans MoE layers {sorted(planned)} but the model has {sorted(views)}; plan again for it"
         )
-    if o["method"] in COMPRESSING_METHODS:
-        run.rank = compression_rank(next(iter(views.values())), o["rank"], o["sparsity"], o["param_budget"])
+    if compresses:
+        run.rank = compression_rank(next(iter(views.values())), o.rank, o.sparsity, o.param_budget)
     num_layers = config.num_hidden_layers
     identity = {
-        "options": o,
+        "options": o.as_dict(),
         "sequential": sequential,
         "model": run.identity,
         "calibration": run.calibration.sha256(),
@@ -207,7 +207,7 @@ def reduce_prepared(
         for layer, groups in reduced.items():
             views[layer].keep_first(len(groups))  # shapes only (meta)
 
-        needs = statistics_needs([(o["method"], method_options_of(o), o["merge"], o["router_rows"])])
+        needs = statistics_needs([o])
         total = run.calibration.num_tokens
         routing = family.routing_rule(config)
         shards = num_layers + 1
@@ -218,7 +218,7 @@ def reduce_prepared(
             for step in tqdm(range(start, steps), desc="layers", unit="layer", disable=not progress):
                 i, merging = step % num_layers, step >= steps - num_layers
                 if merging and two_pass and kept is None:
-                    kept = _budget_counts(state, views, routing, run.r, o["budget"])
+                    kept = _budget_counts(state, views, routing, run.r, o.budget)
                 with stream.layer(i) as (layer, stored):
                     view = views.get(i)
                     forward = not (merging and two_pass)  # the calibration tokens go through this layer
@@ -238,21 +238,13 @@ def reduce_prepared(
                         if planned is not None:
                             groups = planned[i]
                         else:
-                            groups = plan_groups(
-                                {i: stats},
-                                family,
-                                config,
-                                count,
-                                o["method"],
-                                router=o["router"],
-                                options=method_options_of(o),
-                            )[i]
-                        router = merge_layer(view, groups, stats, o["merge"], o["router_rows"], o["align"])
+                            groups = plan_groups({i: stats}, family, config, count, o.replace(budget="uniform"))[i]
+                        router = merge_layer(view, groups, stats, o.merge, o.router_rows, o.align)
                         to_storage(layer, stored)
                         router = stored_router(router, view)
                         factors, saved = {}, 0
-                        if o["method"] in COMPRESSING_METHODS:
-                            factors, saved = compress_experts([view], run.rank, o["sparsity"])
+                        if compresses:
+                            factors, saved = compress_experts([view], run.rank, o.sparsity)
                         if sequential:  # the next layer sees this one as it is stored
                             to_compute(layer, stream.compute)
                             outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
@@ -295,7 +287,7 @@ def reduce_prepared(
         bytes_after=sum(f.stat().st_size for f in out.glob("*.safetensors")),
         calibration_tokens=total,
         seconds=time.perf_counter() - run.start,
-        stored_params=params_after - saved_params if o["method"] in COMPRESSING_METHODS else None,
+        stored_params=params_after - saved_params if compresses else None,
     )
 
 
@@ -310,6 +302,7 @@ def _finish(run, state: RunState, skel, source: SourceTensors, dtype, views, sha
     """Write the last shard, the index, config, tokenizer files and ``moemerge.json`` into the partial output;
     returns the groups and statistics of every MoE layer."""
     o, family = run.options, run.source.family
+    compresses = resolve("method", o.method).compresses
     groups, stats, routers, factors, saved = state.finished_layers(family.routing_rule(run.config), sorted(views))
     load_outside(skel, source, dtype)
     family.set_num_experts(skel, max(len(g) for g in groups.values()))
@@ -322,10 +315,10 @@ def _finish(run, state: RunState, skel, source: SourceTensors, dtype, views, sha
     if skel.can_generate() and skel.generation_config is not None:
         skel.generation_config.save_pretrained(state.partial)
     compression = None
-    if o["method"] in COMPRESSING_METHODS:
+    if compresses:
         compression = compression_record(run, sum(p.numel() for p in skel.parameters()) - saved)
     tensor_files = {LOWRANK_FILE: factors} if compression else {}
-    if o["router"] == "grouped":
+    if o.router == "grouped":
         tensor_files[SIDECAR] = router_tensors(routers)
     write_extras(run.source.path, state.partial, reduction_metadata(run, groups, stats, compression), tensor_files)
     return groups, stats

@@ -201,16 +201,22 @@ def final_outputs(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tenso
     """(last hidden state [T, H], after the final norm; logits [T, V]) that the model's own forward gives for
     ``input_ids`` [T] when its last decoder layer outputs ``hidden`` [1, T, H].
 
-    Only the weights outside the decoder layers need to be loaded.
+    Only the weights outside the decoder layers need to be loaded. The load-balancing loss a config may ask for
+    (``output_router_logits``) is not computed: the stand-in layers run no router.
     """
     count = len(model.model.layers)
     last = []
     handle = model.model.register_forward_hook(lambda m, a, out: last.append(out.last_hidden_state))
+    asked = getattr(model.config, "output_router_logits", None)
     try:
+        if asked:
+            model.config.output_router_logits = False
         with _stand_ins(model, [_Replay(hidden if i == count - 1 else None) for i in range(count)]):
-            logits = model(input_ids=input_ids[None], use_cache=False).logits
+            logits = model(input_ids=input_ids[None], use_cache=False, return_dict=True).logits
     finally:
         handle.remove()
+        if asked:
+            model.config.output_router_logits = asked
     return last[0][0], logits[0]
 
 

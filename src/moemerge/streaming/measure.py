@@ -10,7 +10,7 @@ turns its hidden states into the final norm's output and logits (:func:`moemerge
 
 Peak memory: the reference's decoder layer and one candidate's, the weights outside the decoder layers of one
 model, and (candidates + 3) x evaluation tokens x hidden size activations in the compute dtype (each model's hidden
-states, and the inputs and outputs of the reference's MoE block).
+states, and the inputs and outputs of the reference's MoE block, kept for one layer).
 """
 
 from __future__ import annotations
@@ -85,31 +85,35 @@ def measure_layer_by_layer(
     the reference's expert statistics of every MoE layer on the windows' tokens, else None).
     """
     views = {view.layer: view for view in family.moe_layers(reference.skeleton)}
+    for stream in [reference] + [c.stream for c in candidates.values() if c.stream is not None]:
+        with stream.outside():  # a missing or broken head is found now, not after the last layer
+            pass
     windows = dict(enumerate(chunks))
     hidden, calls = reference.inputs(windows)
     ref_parameters = reference.outside_parameters()
     carried = {}
     for name, candidate in candidates.items():
         own = candidate.stream
-        start, own_calls = (dict(hidden), calls) if own is None else own.inputs(windows)
-        outside = (own or reference).outside_parameters()
-        carried[name] = _Carried(start, own_calls, FidelitySums(list(views)), outside)
+        sums, outside = FidelitySums(list(views)), (own or reference).outside_parameters()
+        if own is None:
+            carried[name] = _Carried(dict(hidden), calls, sums, outside)
+        else:
+            carried[name] = _Carried(*own.inputs(windows), sums, outside)
     total, offsets = sum(len(c) for c in chunks), sequence_offsets(chunks)
     found = {} if statistics else None
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # the reference MoE block's (inputs, outputs) per window
     for i in tqdm(range(len(reference.skeleton.model.layers)), desc="layers", unit="layer", disable=not progress):
         with reference.layer(i) as (layer, stored):
             ref_parameters += sum(p.numel() for p in layer.parameters())
             view = views.get(i)
-            captured = []
             handles = []
-            if view is not None:
-                handles.append(
-                    view.block.register_forward_hook(lambda m, args, out, into=captured: into.append((args[0], out)))
-                )
-                if statistics:
-                    accumulator = LayerAccumulator(view, total)
-                    handles.append(view.block.register_forward_pre_hook(accumulator.hook))
             try:
+                if view is not None:
+                    capture = view.block.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
+                    handles.append(capture)
+                    if statistics:
+                        accumulator = LayerAccumulator(view, total)
+                        handles.append(view.block.register_forward_pre_hook(accumulator.hook))
                 for w in windows:
                     if statistics and view is not None:
                         accumulator.seen = offsets[w]
@@ -126,34 +130,37 @@ def measure_layer_by_layer(
                     if block is not None:
                         for x, y_ref in captured:
                             state.sums.add_layer(i, block(x), y_ref)
-                    state.hidden = {w: run_layer(own, h, state.calls[w][i]) for w, h in state.hidden.items()}
+                    for w in state.hidden:  # in place: each window's input is let go as its output comes
+                        state.hidden[w] = run_layer(own, state.hidden[w], state.calls[w][i])
+            captured.clear()
     return (*_finish(reference, chunks, hidden, ref_parameters, candidates, carried), found)
 
 
 def _finish(reference: LayerStream, chunks, hidden: dict, parameters: int, candidates: dict, carried: dict):
-    """(the reference's result, each candidate's) from the hidden states after the last decoder layer."""
-    tails = {}
+    """(the reference's result, each candidate's) from the hidden states after the last decoder layer; each
+    model's hidden states are let go once its tail is computed."""
+    results = {}
     with reference.outside():
         ref_last, ref_nll = _tail(reference.skeleton, chunks, hidden)
+        hidden.clear()
         for name, candidate in candidates.items():
             if candidate.stream is None:
-                tails[name] = _tail(reference.skeleton, chunks, carried[name].hidden)
-    results = {}
+                results[name] = _result(reference.skeleton, chunks, carried.pop(name), ref_last)
     for name, candidate in candidates.items():
-        state = carried[name]
         if candidate.stream is not None:
             with candidate.stream.outside():
-                tails[name] = _tail(candidate.stream.skeleton, chunks, state.hidden)
-        last, nll = tails.pop(name)
-        for w, h_ref in ref_last.items():
-            state.sums.add_hidden(last[w], h_ref)
-        results[name] = {
-            "perplexity": perplexity_of(nll, chunks),
-            "fidelity": state.sums.result(),
-            "parameters": state.parameters,
-        }
-        carried[name] = None
-    return {"perplexity": perplexity_of(ref_nll, chunks), "parameters": parameters}, results
+                results[name] = _result(candidate.stream.skeleton, chunks, carried.pop(name), ref_last)
+    reference_result = {"perplexity": perplexity_of(ref_nll, chunks), "parameters": parameters}
+    return reference_result, {name: results[name] for name in candidates}
+
+
+def _result(model: nn.Module, chunks, state: _Carried, ref_last: dict) -> dict:
+    """A candidate's {"perplexity", "fidelity", "parameters"} from its state after the last decoder layer."""
+    last, nll = _tail(model, chunks, state.hidden)
+    state.hidden.clear()
+    for w, h_ref in ref_last.items():
+        state.sums.add_hidden(last[w], h_ref)
+    return {"perplexity": perplexity_of(nll, chunks), "fidelity": state.sums.result(), "parameters": state.parameters}
 
 
 def _tail(model: nn.Module, chunks: list[torch.Tensor], hidden: dict) -> tuple[dict, float]:

@@ -1,0 +1,99 @@
+"""ReduceOptions: one typed object, checked when built; registered choices declare the statistics they read.
+
+The declarations are checked against what the code really reads: with the statistics a choice declares, the whole
+grouping and merge run; with any one of them left out of the calibration pass, they fail.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from moemerge import MoemergeError, apply_groups, plan_groups
+from moemerge.adapters import FAMILIES as ADAPTERS
+from moemerge.options import ReduceOptions
+from moemerge.pipeline import statistics_needs
+from moemerge.registry import names
+from moemerge.statistics import collect_statistics
+
+# one option set per registered name of every kind that declares statistics; the rest default
+CHOICES = (
+    [{"method": m} for m in names("method")]
+    + [{"metric": m} for m in names("metric")]
+    + [{"merge": m} for m in names("merge")]
+    + [{"router_rows": m} for m in names("router-rows")]
+)
+OFF = {"router_sample": 0, "output_sample": 0, "keep_router_logits": False, "weight_gram": False}
+
+
+def run_choice(options: ReduceOptions, kwargs: dict) -> None:
+    """Calibrate a tiny Mixtral with ``kwargs`` of collect_statistics, then group and merge it with ``options``."""
+    model = tiny_model("mixtral")
+    family = ADAPTERS["mixtral"]
+    sequences = [torch.arange(40) % 97, (torch.arange(40) * 7) % 101]
+    stats = collect_statistics(model, family.moe_layers(model), sequences, progress=False, **kwargs)
+    groups = plan_groups(stats, family, model.config, 4, options)
+    apply_groups(copy.deepcopy(model), family, stats, groups, options.merge, options.router_rows, align=options.align)
+
+
+@pytest.mark.parametrize("settings", CHOICES, ids=lambda s: "=".join(*s.items()))
+def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
+    """Sufficient: with statistics_needs of the options, grouping and merging run. Necessary: leaving out any one
+    optional statistic it asks for makes them fail (router rows default to frequency, which reads none, so each
+    case isolates its own choice)."""
+    options = ReduceOptions(**({"router_rows": "frequency"} | settings))
+    needs = statistics_needs([options])
+    run_choice(options, needs)
+    asked = [key for key, value in needs.items() if value != OFF[key]]
+    if settings in ({"method": "o-prune"}, {"metric": "router-logits"}, {"metric": "weight"}, {"merge": "fix-dom"},
+                    {"merge": "zipit"}, {"router_rows": "lse"}):  # fmt: skip
+        assert asked, settings
+    for key in asked:
+        with pytest.raises(ValueError):
+            run_choice(options, needs | {key: OFF[key]})
+
+
+@pytest.mark.parametrize(
+    "values,named",
+    [
+        ({"experts": True}, "option experts is True, not int or null"),
+        ({"experts": "4"}, "option experts is '4', not int or null"),
+        ({"sparsity": None}, "option sparsity is None, not float"),
+        ({"align": 1}, "option align is 1, not bool"),
+        ({"method": "hc-smo"}, "unknown method 'hc-smo'"),
+        ({"metric": "logits"}, "unknown metric 'logits'"),
+        ({"router": "both"}, "unknown router mode 'both'"),
+        ({"budget": "global"}, "unknown budget 'global'"),
+        ({"oprune_budget": 0}, "--oprune-budget 0 must be at least 1"),
+        ({"method": "f-prune", "router": "grouped"}, "keeps whole experts"),
+        ({"cluster": "fcm", "router": "grouped"}, "--cluster fcm"),
+        ({"cluster": "fcm", "align": True}, "drop --align"),
+        ({"rank": 4, "param_budget": 0.5}, "give one of them"),
+    ],
+)
+def test_bad_options_are_refused_when_built(values, named):
+    """Each wrong type, unknown name, out-of-range value or impossible combination raises MoemergeError naming it,
+    whether built directly or from a dict (a recipe's)."""
+    for build in (lambda: ReduceOptions(**values), lambda: ReduceOptions.from_dict(values)):
+        with pytest.raises(MoemergeError) as err:
+            build()
+        assert named in str(err.value)
+
+
+def test_from_dict_refuses_unknown_names_and_fills_defaults():
+    with pytest.raises(MoemergeError, match="unknown option 'colour'"):
+        ReduceOptions.from_dict({"colour": "red"})
+    assert ReduceOptions.from_dict({"experts": 3}) == ReduceOptions(experts=3)
+
+
+def test_a_preset_overrides_what_its_method_fixes_only():
+    """m-smoe fixes metric, distance and cluster (router logits, cosine, single-shot) whatever was asked; the other
+    options pass through, and fcm asked of m-smoe makes no soft groups (the preset's single-shot wins)."""
+    asked = ReduceOptions(method="m-smoe", metric="weight", cluster="fcm", linkage="complete", merge="average")
+    effective = asked.effective()
+    assert (effective.metric, effective.distance, effective.cluster) == ("router-logits", "cosine", "single-shot")
+    assert (effective.linkage, effective.merge) == ("complete", "average")
+    assert not asked.soft_groups and ReduceOptions(cluster="fcm").soft_groups
