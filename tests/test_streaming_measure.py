@@ -189,3 +189,15 @@ def test_compare_reads_one_layer_at_a_time_and_its_original_row_is_the_model(tmp
     errors = oracle_moe_errors(reduced, original, chunks)
     assert rows[1]["moe_relative_error_mean"] == pytest.approx(np.mean(errors), rel=REL)
     assert rows[1]["parameters"] == sum(p.numel() for p in reduced.parameters())
+
+
+def test_moving_layer_inputs_keeps_shared_tensors_shared():
+    """The rotary embeddings and mask that every decoder layer's recorded arguments share are moved to the device
+    once, not once per layer."""
+    from moemerge.streaming.calibrate import _to
+
+    shared, other = torch.ones(3), torch.zeros(2)
+    calls = [((shared,), {"position_embeddings": (shared, other)}) for _ in range(4)]
+    moved = _to(calls, torch.device("meta"))
+    tensors = [t for args, kwargs in moved for t in (*args, *kwargs["position_embeddings"])]
+    assert all(t.is_meta for t in tensors) and len({id(t) for t in tensors}) == 2

@@ -180,12 +180,16 @@ def statistics_layer_by_layer(run, progress: bool = True) -> dict[int, LayerStat
         return layer_statistics(stream, views, [run.calibration.sequences], needs, progress)[0]
 
 
-def _to(obj, device: torch.device):
-    """``obj`` (tensors in tuples, lists and dicts) on ``device``."""
+def _to(obj, device: torch.device, moved: dict | None = None):
+    """``obj`` (tensors in tuples, lists and dicts) on ``device``; a tensor that appears several times (the rotary
+    embeddings and mask every decoder layer gets) is moved once and shared, as it was."""
+    moved = {} if moved is None else moved
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in moved:
+            moved[id(obj)] = (obj, obj.to(device))  # the original is held so that its id stays its own
+        return moved[id(obj)][1]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(x, device) for x in obj)
+        return type(obj)(_to(x, device, moved) for x in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, moved) for k, v in obj.items()}
     return obj

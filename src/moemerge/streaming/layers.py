@@ -87,7 +87,10 @@ def load_into(
     model.tie_weights()  # loading replaced the input embeddings' parameter, which a tied head shared
     missing = [name for name, p in model.named_parameters() if filled(name) and p.is_meta]
     if missing:
-        raise MoemergeError(f"the checkpoint has no tensors for {', '.join(missing[:3])}; it is incomplete")
+        raise MoemergeError(
+            f"the checkpoint has no tensors that load into {', '.join(missing[:3])} (missing, or shaped for another "
+            "model); it is incomplete or damaged"
+        )
 
 
 def load_layer(model: nn.Module, source: SourceTensors, index: int, dtype: torch.dtype) -> nn.Module:
