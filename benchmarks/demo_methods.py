@@ -95,10 +95,7 @@ def main() -> None:
         model,
         family.moe_layers(model),
         calib.sequences,
-        router_sample=8192,
-        output_sample=512,
-        keep_router_logits=True,
-        weight_gram=True,
+        {"router_inputs", "expert_outputs", "router_logits", "router_logit_features", "weight_gram"},
     )
     rows = [f"| original | {family.num_experts(model.config)} | {perplexity(model, ids):.2f} | - |"]
     for r in args.experts:

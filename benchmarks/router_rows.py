@@ -67,7 +67,7 @@ def main() -> None:
     family = FAMILIES[model.config.model_type]
     ids = torch.tensor(tokenizer(Path(args.heldout).read_text(encoding="utf-8"))["input_ids"])
     calib = load_calibration(None, tokenizer, samples=32, seq_len=2048, seed=0)
-    stats = collect_statistics(model, family.moe_layers(model), calib.sequences, router_sample=8192)
+    stats = collect_statistics(model, family.moe_layers(model), calib.sequences, {"router_inputs"})
     original = log_probs(model, ids)
     rows = [f"| original | {family.num_experts(model.config)} | {perplexity(original, ids):.3f} | - | 0 |"]
     for r in args.experts:

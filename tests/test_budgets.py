@@ -29,7 +29,7 @@ from moemerge import MoemergeError, apply_groups, pipeline, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
 from moemerge.grouping import layer_budgets
 from moemerge.merging import rank_for_budget
-from moemerge.pipeline import ROUTER_SAMPLE_TOKENS, experts_per_layer
+from moemerge.pipeline import experts_per_layer
 from moemerge.statistics import collect_statistics
 
 N = NUM_EXPERTS
@@ -196,7 +196,7 @@ def calibrated(family: str):
     """(config, statistics) of the tiny model of ``family`` on the calibration rows."""
     model = tiny_model(family)
     layers = ADAPTERS[family].moe_layers(model)
-    stats = collect_statistics(model, layers, [torch.tensor(r) for r in calibration_rows()], 0, progress=False)
+    stats = collect_statistics(model, layers, [torch.tensor(r) for r in calibration_rows()], progress=False)
     return model.config, stats
 
 
@@ -415,7 +415,7 @@ def test_hc_smoe_budget_output_equals_in_memory_reduction(family, r, source, wor
 
     reference, family_ = vanilla(src), ADAPTERS["deepseek_v3" if family == "deepseek_v3_flat" else family]
     seqs = [torch.tensor(r) for r in calibration_rows()]
-    stats = collect_statistics(reference, family_.moe_layers(reference), seqs, ROUTER_SAMPLE_TOKENS, progress=False)
+    stats = collect_statistics(reference, family_.moe_layers(reference), seqs, {"router_inputs"}, progress=False)
     plan = plan_groups(stats, family_, reference.config, r, method="hc-smoe", budget="frequency")
     assert plan == groups
     apply_groups(reference, family_, stats, plan, "frequency", "lse")

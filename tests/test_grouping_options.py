@@ -24,19 +24,19 @@ def partition(labels) -> set[frozenset[int]]:
     return {frozenset(np.flatnonzero(np.asarray(labels) == c).tolist()) for c in np.unique(labels)}
 
 
-def statistics(family: str, **extras):
+def statistics(family: str, needs=()):
     model = tiny_model(family)
     adapter = ADAPTERS[model.config.model_type]
     g = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, 4096, (24,), generator=g) for _ in range(2)]
-    return model, adapter, collect_statistics(model, adapter.moe_layers(model), sequences, progress=False, **extras)
+    return model, adapter, collect_statistics(model, adapter.moe_layers(model), sequences, needs, progress=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weight_features_keep_the_distances_of_the_flattened_weights(family):
     """The weight metric's n-dimensional embedding has the pairwise Euclidean and cosine distances of the
     flattened (gate, up, down) weights, computed directly with scipy."""
-    model, adapter, stats = statistics(family, weight_gram=True)
+    model, adapter, stats = statistics(family, needs={"weight_gram"})
     for view in adapter.moe_layers(model):
         flat = torch.cat([w.detach().reshape(view.num_experts, -1) for w in view.expert_weights()], 1).double().numpy()
         embedded = expert_features(stats[view.layer], "weight")
@@ -47,7 +47,7 @@ def test_weight_features_keep_the_distances_of_the_flattened_weights(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_router_logit_features_are_every_tokens_logits(family):
     """router-logits features [n, T] equal x W_router^T over the captured MoE-block inputs of every token."""
-    model, adapter, stats = statistics(family, keep_router_logits=True)
+    model, adapter, stats = statistics(family, needs={"router_logit_features"})
     captured = {}
     hooks = [
         v.block.register_forward_pre_hook(
@@ -229,7 +229,7 @@ def test_m_smoe_groups_by_router_logit_cosine_around_the_most_used(family):
     """m-smoe's groups are the single-shot oracle applied to the counts and to x W_router^T computed here."""
     import moemerge
 
-    model, adapter, stats = statistics(family, keep_router_logits=True)
+    model, adapter, stats = statistics(family, needs={"router_logit_features"})
     plan = moemerge.plan_groups(stats, adapter, model.config, 4, method="m-smoe")
     blocks = [list(range(4)), list(range(4, 8))] if family == "deepseek_v3" else [list(range(8))]
     for view in adapter.moe_layers(model):

@@ -63,7 +63,14 @@ def stats_and_inputs(model, router_sample: int = 0, seqs=None):
 
     handles = [v.block.register_forward_pre_hook(capture(v.layer)) for v in layers]
     try:
-        stats = collect_statistics(model, layers, seqs or calibration(), router_sample=router_sample, progress=False)
+        stats = collect_statistics(
+            model,
+            layers,
+            seqs or calibration(),
+            {"router_inputs"} if router_sample else (),
+            router_sample=router_sample,
+            progress=False,
+        )
     finally:
         for h in handles:
             h.remove()

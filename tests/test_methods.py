@@ -233,7 +233,7 @@ def test_lse_router_rows_fit_the_log_sum_exp_better_than_the_frequency_mean(fami
     fam = ADAPTERS[model.config.model_type]
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(0, 4096, (40,), generator=g) for _ in range(3)]
-    stats = collect_statistics(model, fam.moe_layers(model), seqs, router_sample=120, progress=False)
+    stats = collect_statistics(model, fam.moe_layers(model), seqs, {"router_inputs"}, router_sample=120, progress=False)
     before = {v.layer: v.router_weight.detach().double().clone() for v in fam.moe_layers(model)}
     groups = [[0, 2, 3], [1], [4, 7], [5], [6]]
     apply_groups(model, fam, stats, dict.fromkeys(stats, groups), router_rows_rule="lse")

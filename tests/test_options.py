@@ -26,15 +26,15 @@ CHOICES = (
     + [{"merge": m} for m in names("merge")]
     + [{"router_rows": m} for m in names("router-rows")]
 )
-OFF = {"router_sample": 0, "output_sample": 0, "keep_router_logits": False, "weight_gram": False}
 
 
-def run_choice(options: ReduceOptions, kwargs: dict) -> None:
-    """Calibrate a tiny Mixtral with ``kwargs`` of collect_statistics, then group and merge it with ``options``."""
+def run_choice(options: ReduceOptions, needs: frozenset[str]) -> None:
+    """Calibrate a tiny Mixtral collecting the optional statistics ``needs``, then group and merge it with
+    ``options``."""
     model = tiny_model("mixtral")
     family = ADAPTERS["mixtral"]
     sequences = [torch.arange(40) % 97, (torch.arange(40) * 7) % 101]
-    stats = collect_statistics(model, family.moe_layers(model), sequences, progress=False, **kwargs)
+    stats = collect_statistics(model, family.moe_layers(model), sequences, needs, progress=False)
     groups = plan_groups(stats, family, model.config, 4, options)
     apply_groups(copy.deepcopy(model), family, stats, groups, options.merge, options.router_rows, align=options.align)
 
@@ -47,13 +47,12 @@ def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
     options = ReduceOptions(**({"router_rows": "frequency"} | settings))
     needs = statistics_needs([options])
     run_choice(options, needs)
-    asked = [key for key, value in needs.items() if value != OFF[key]]
     if settings in ({"method": "o-prune"}, {"metric": "router-logits"}, {"metric": "weight"}, {"merge": "fix-dom"},
                     {"merge": "zipit"}, {"router_rows": "lse"}):  # fmt: skip
-        assert asked, settings
-    for key in asked:
+        assert needs, settings
+    for name in needs:
         with pytest.raises(ValueError):
-            run_choice(options, needs | {key: OFF[key]})
+            run_choice(options, needs - {name})
 
 
 @pytest.mark.parametrize(
@@ -97,3 +96,17 @@ def test_a_preset_overrides_what_its_method_fixes_only():
     assert (effective.metric, effective.distance, effective.cluster) == ("router-logits", "cosine", "single-shot")
     assert (effective.linkage, effective.merge) == ("complete", "average")
     assert not asked.soft_groups and ReduceOptions(cluster="fcm").soft_groups
+
+
+def test_every_declared_need_is_a_registered_statistic_of_the_statistics_record():
+    """Whatever a registered choice declares it reads is a registered statistic, and every registered statistic
+    fills a field of LayerStatistics."""
+    from dataclasses import fields
+
+    from moemerge.registry import needs
+    from moemerge.statistics import LayerStatistics
+
+    statistics = set(names("statistic"))
+    declared = {n for kind in ("method", "metric", "merge", "router-rows") for c in names(kind) for n in needs(kind, c)}
+    assert declared and declared <= statistics
+    assert statistics <= {f.name for f in fields(LayerStatistics)}

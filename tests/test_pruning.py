@@ -33,6 +33,7 @@ from moemerge.pipeline import statistics_needs
 from moemerge.registry import names, resolve
 from moemerge.statistics import collect_statistics
 
+OUTPUTS = {"expert_outputs", "router_logits"}  # o-prune's statistics
 PRUNING_METHODS = ("f-prune", "s-prune", "reap", "o-prune")  # the methods that keep whole experts (their papers)
 
 N, R = 8, 4
@@ -149,7 +150,13 @@ def calibrated(family: str):
     inputs = capture_block_inputs(model, rows)
     adapter = ADAPTERS[family]
     stats = collect_statistics(
-        model, adapter.moe_layers(model), [torch.tensor(r) for r in rows], T, progress=False, output_sample=T
+        model,
+        adapter.moe_layers(model),
+        [torch.tensor(r) for r in rows],
+        OUTPUTS,
+        router_sample=T,
+        output_sample=T,
+        progress=False,
     )
     return model, inputs, stats
 
@@ -370,9 +377,10 @@ def test_o_prune_objective_uses_only_the_sampled_tokens():
         model,
         ADAPTERS[family].moe_layers(model),
         [torch.tensor(r) for r in sequences()],
-        T,
-        progress=False,
+        OUTPUTS,
+        router_sample=T,
         output_sample=16,
+        progress=False,
     )
     for layer, layer_stats in stats.items():
         assert layer_stats.expert_outputs.shape[0] == 16
@@ -388,11 +396,11 @@ def test_o_prune_without_expert_outputs_is_an_error():
     model, _, _ = calibrated(family)
     adapter = ADAPTERS[family]
     rows = [torch.tensor(r) for r in sequences()]
-    stats = collect_statistics(model, adapter.moe_layers(model), rows[:1], 0, progress=False)
-    with pytest.raises(ValueError, match="output_sample"):
+    stats = collect_statistics(model, adapter.moe_layers(model), rows[:1], progress=False)
+    with pytest.raises(ValueError, match="expert_outputs"):
         o_prune(next(iter(stats.values())), list(range(N)), R, ReduceOptions())
     needs = statistics_needs([ReduceOptions(method="o-prune")])
-    stats = collect_statistics(model, adapter.moe_layers(model), rows, progress=False, **needs)
+    stats = collect_statistics(model, adapter.moe_layers(model), rows, needs, progress=False)
     for layer, layer_stats in stats.items():
         assert layer_stats.expert_outputs.shape[0] == T
         chosen = tuple(g[0] for g in o_prune(layer_stats, list(range(N)), R, ReduceOptions()))

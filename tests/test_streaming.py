@@ -136,7 +136,7 @@ def test_sequential_matches_reducing_layer_after_layer_in_memory(tmp_path, famil
     fam = family_for(json.loads((source / "config.json").read_text()))
     calibration = load_calibration(None, moemerge_tokenizer(source), SMALL["calib_samples"], SMALL["calib_seq_len"])
     for view in fam.moe_layers(model):
-        stats = collect_statistics(model, [view], calibration.sequences, progress=False, router_sample=8192)
+        stats = collect_statistics(model, [view], calibration.sequences, {"router_inputs"}, progress=False)
         groups = plan_groups(stats, fam, model.config, SMALL["experts"])
         merge_layer(view, groups[view.layer], stats[view.layer], router_rows_rule="lse")
         assert groups[view.layer] == streamed.groups[view.layer]

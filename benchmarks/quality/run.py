@@ -102,7 +102,7 @@ def run_model(name: str, variants, removed, calib_sets, calib_samples: int, test
             str(DATA / f"calib_{calib}.jsonl.gz"), tokenizer, calib_samples, SEQ_LEN, 0, vocab
         )
         needs = statistics_needs([parse_variant(v).options for v in chosen])
-        stats = collect_statistics(model, layers, calibration.sequences, progress=False, **needs)
+        stats = collect_statistics(model, layers, calibration.sequences, needs, progress=False)
         for router in ("reduce", "grouped"):
             for spec in chosen:
                 if router == "grouped" and resolve("method", spec.split(":")[0]).prunes:

@@ -215,7 +215,7 @@ def _grid_whole(source, config, variants, experts, router, calibrating, windows,
     calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
     text, _, chunks = evaluation_windows(loaded, tokenizer, *windows)
     needs = statistics_needs([v.options for v in variants])
-    stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
+    stats = collect_statistics(loaded, layers, calibration.sequences, needs, progress=progress)
     baseline = measure(loaded, tokenizer, family, chunks, None, *evaluation)
     rows = [row_of("original", n, n, [n] * len(layers), baseline, sum(p.numel() for p in loaded.parameters()), 0)]
     for r in experts:

@@ -148,7 +148,7 @@ def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceO
     on its own, the experts outside it kept. Ties go to the subset found first.
     """
     if stats.expert_outputs is None or stats.router_logits is None:
-        raise ValueError("o-prune needs collect_statistics(..., output_sample > 0)")
+        raise ValueError("o-prune needs the expert_outputs and router_logits statistics")
     outputs, logits = stats.expert_outputs.double(), stats.router_logits
     rows = torch.arange(len(logits))[:, None]
 

@@ -53,8 +53,6 @@ from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
 from moemerge.statistics import LayerStatistics, collect_statistics
 
-ROUTER_SAMPLE_TOKENS = 8192
-OUTPUT_SAMPLE_TOKENS = 512
 # the LayerStatistics field [n] a non-uniform budget shares the experts by
 BUDGET_SCORES = {"frequency": "counts", "probability": "prob_sum"}
 
@@ -198,7 +196,7 @@ def apply_groups(
     """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router.
 
     ``router_rows_rule`` defaults to "frequency" here because "lse" (the default of :func:`reduce_in_memory`)
-    needs statistics collected with ``router_sample > 0``, as do the merges fix-dom and zipit.
+    needs the router_inputs statistic, as do the merges fix-dom and zipit.
     ``align``: permute every member of a group to match its dominant member before merging (see
     :mod:`moemerge.merging.alignment`). Layers may have different group counts (``budget``); the
     config records the largest.
@@ -237,7 +235,7 @@ def merge_layer(
     if rule.match is not None:
         inputs = stats.router_inputs
         if inputs is None:
-            raise ValueError(f"--merge {merge} needs router inputs sampled during calibration (router_sample > 0)")
+            raise ValueError(f"--merge {merge} needs router inputs sampled during calibration (router_inputs)")
         routed = routed_tokens(view.routing, view.router_weight, bias, inputs)
         units = match_groups(rule.match, weights, groups, alphas, view.act_fn, inputs, routed)
     merged = merge_experts(weights, groups, alphas, units)
@@ -280,18 +278,10 @@ def compress_experts(
     return factors, saved
 
 
-def statistics_needs(variants: list[ReduceOptions]) -> dict:
-    """The optional parts of :func:`collect_statistics` that ``variants`` read (:meth:`ReduceOptions.statistics`),
-    as its keyword arguments: sampled router inputs, sampled router logits and expert outputs, every token's router
-    logits, the weight Gram matrix."""
-    needed = frozenset().union(*(options.statistics() for options in variants))
-    outputs = bool(needed & {"expert_outputs", "router_logits"})
-    return {
-        "router_sample": ROUTER_SAMPLE_TOKENS if outputs or "router_inputs" in needed else 0,
-        "output_sample": OUTPUT_SAMPLE_TOKENS if outputs else 0,
-        "keep_router_logits": "router_logit_features" in needed,
-        "weight_gram": "weight_gram" in needed,
-    }
+def statistics_needs(variants: list[ReduceOptions]) -> frozenset[str]:
+    """The optional statistics (:func:`collect_statistics`'s ``needs``) that ``variants`` read
+    (:meth:`ReduceOptions.statistics`)."""
+    return frozenset().union(*(options.statistics() for options in variants))
 
 
 def check_uniform_source(path: Path) -> None:
@@ -400,7 +390,7 @@ def prepare(
         rank = compression_rank(layers[0], o.rank, o.sparsity, o.param_budget)
     needs = statistics_needs([o])
     with phase(f"statistics of {len(layers)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
-        stats = collect_statistics(loaded, layers, calibration.sequences, progress=progress, **needs)
+        stats = collect_statistics(loaded, layers, calibration.sequences, needs, progress=progress)
     return Prepared(
         model, o, source, identity, config, loaded, calibration, layers, stats, r, rank, compute, stored, start
     )

@@ -28,14 +28,14 @@ def _mean_outputs(stats: LayerStatistics) -> np.ndarray:
 @register("metric", "router-logits", needs=("router_logit_features",))
 def _router_logits(stats: LayerStatistics) -> np.ndarray:
     if stats.router_logit_features is None:
-        raise ValueError("router-logits features need collect_statistics(..., keep_router_logits=True)")
+        raise ValueError("router-logits features need the router_logit_features statistic")
     return stats.router_logit_features.double().numpy()
 
 
 @register("metric", "weight", needs=("weight_gram",))
 def _weight_embedding(stats: LayerStatistics) -> np.ndarray:
     if stats.weight_gram is None:
-        raise ValueError("weight features need collect_statistics(..., weight_gram=True)")
+        raise ValueError("weight features need the weight_gram statistic")
     eigenvalues, vectors = np.linalg.eigh(stats.weight_gram.double().numpy())
     return vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))
 

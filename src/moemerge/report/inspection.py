@@ -86,7 +86,7 @@ def inspect(
         _check_has_moe_layers(layers, source)
         with phase(f"statistics on {what}"):
             found = [
-                collect_statistics(loaded, layers, c.sequences, progress=progress, keep_router_logits=True)
+                collect_statistics(loaded, layers, c.sequences, {"router_logit_features"}, progress=progress)
                 for c in calibrations
             ]
     else:
@@ -97,7 +97,7 @@ def inspect(
         _check_has_moe_layers(views, source)
         with phase(f"statistics on {what}, one decoder layer at a time"):
             sets = [c.sequences for c in calibrations]
-            found = layer_statistics(stream, views, sets, {"keep_router_logits": True}, progress)
+            found = layer_statistics(stream, views, sets, {"router_logit_features"}, progress)
     stats_by_set = {c.spec: stats for c, stats in zip(calibrations, found, strict=True)}
     info = architecture(str(model), loaded, source.family, config)
     with atomic_output(out, force) as tmp, phase(f"report {out}"):

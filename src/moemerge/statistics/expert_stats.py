@@ -5,12 +5,17 @@ token goes through every expert, with no gate weight. Because the down projectio
 o_j = W_down_j @ mean_t(silu(x_t W_gate_j) * (x_t W_up_j)), so only the [n, I] sums of the
 intermediate activations are accumulated: never a tokens x experts x hidden buffer. The
 statistics of every layer come from the original model's hidden states (as in the paper).
+
+Every statistic is a registered :class:`Statistic` (kind "statistic" of :mod:`moemerge.registry`) that fills one
+field of :class:`LayerStatistics`: what it takes from each token chunk or each sequence, how the parts add up, how
+the total becomes the value. The ``always`` ones are collected on every calibration; the others only when a
+method, metric, merge or router-rows rule declares it reads them (``needs``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -20,15 +25,17 @@ from tqdm.auto import tqdm
 from moemerge.adapters import MoELayerView, RoutingRule
 from moemerge.distributed import gather_in_order, my_share, rank_and_world
 from moemerge.heap import trim_heap
+from moemerge.registry import names, register, resolve
 from moemerge.statistics.finite import WEIGHTS_FIX, check_finite, check_statistics
 
 CHUNK_BYTES = 128 << 20  # float32 size of the [chunk, n, 2I] expert activations of one token chunk
-_SUMMED = ("act", "counts", "prob", "reap")
+ROUTER_SAMPLE_TOKENS = 8192  # router inputs kept per layer (router_inputs)
+OUTPUT_SAMPLE_TOKENS = 512  # of those, tokens whose every expert output is kept (expert_outputs, router_logits)
 
 
 @dataclass
 class LayerStatistics:
-    """Calibration statistics of one MoE layer with n experts.
+    """Calibration statistics of one MoE layer with n experts (each tensor field is a registered Statistic).
 
     mean_output: [n, H] float32, o_j = mean_t E_j(x_t) over all tokens.
     counts: [n] int64, how many tokens the router put each expert in its top-k for.
@@ -65,157 +72,248 @@ class LayerStatistics:
 
 
 @dataclass
-class _SequenceSums:
-    """One calibration sequence's part of a layer's statistics: act [n, I] float64 sums of the intermediate
-    activations, counts [n], prob [n] and reap [n] sums, router logits [n, t] and sampled router inputs
-    [t', H] (or None)."""
+class Sequence:
+    """What a statistic may read of one calibration sequence at a layer's MoE block."""
 
-    act: torch.Tensor
-    counts: torch.Tensor
-    prob: torch.Tensor
-    reap: torch.Tensor
-    router_logits: torch.Tensor | None
-    router_inputs: torch.Tensor | None
+    accumulator: LayerAccumulator
+    x: torch.Tensor  # [t, H] block inputs
+    logits: torch.Tensor  # [t, n] router logits
+    indices: torch.Tensor  # [t, k] selected experts
+    gates: torch.Tensor  # [t, k] float32 top-k weights renormalised to sum to 1
+
+
+@dataclass
+class Chunk:
+    """What a statistic may read of one token chunk of a sequence: every expert run on every token."""
+
+    sequence: Sequence
+    start: int  # the chunk's first token in the sequence
+    act: torch.Tensor  # [c, n, I] float32 intermediate activations of every expert
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """How one field of :class:`LayerStatistics` is collected.
+
+    per_chunk: (Chunk) -> a part, summed over the chunks of a sequence; or per_sequence: (Sequence) -> a part.
+        The parts of every sequence (of every process) are then summed, or with ``join`` concatenated in
+        sequence order along ``dim``.
+    finish: (LayerAccumulator, the total or the joined parts, the statistics finished so far) -> the field's value;
+        default: the total, on the CPU.
+    requires: statistics it is computed from (finished first). always: collected on every calibration.
+    """
+
+    per_chunk: Callable[[Chunk], torch.Tensor] | None = None
+    per_sequence: Callable[[Sequence], torch.Tensor] | None = None
+    join: bool = False
+    dim: int = 0
+    finish: Callable | None = None
+    requires: tuple[str, ...] = ()
+    always: bool = False
+
+
+def statistic(name: str, **declared) -> Statistic:
+    """Register a :class:`Statistic` filling the LayerStatistics field ``name``."""
+    return register("statistic", name)(Statistic(**declared))
+
+
+def _mean_output(acc: LayerAccumulator, act_sum: torch.Tensor, stats: dict) -> torch.Tensor:
+    """o_j = W_down_j @ mean_t act_j(x_t), in float64, a few experts at a time."""
+    down = acc.view.block.experts.down_proj
+    act_mean = (act_sum / acc.total_tokens).to(down.device)
+    step = max(1, CHUNK_BYTES // (down[0].numel() * 8))  # experts per float64 copy of down_proj
+    means = [
+        torch.einsum("nhi,ni->nh", down[a : a + step].double(), act_mean[a : a + step])
+        for a in range(0, len(down), step)
+    ]
+    return torch.cat(means).float().cpu()
+
+
+def _reap_part(chunk: Chunk) -> torch.Tensor:
+    """[n] float64 sums of g_j(x) ||E_j(x)|| over the chunk's tokens routed to j: only those go through down_proj."""
+    sequence, act = chunk.sequence, chunk.act
+    down = sequence.accumulator.view.block.experts.down_proj
+    end = chunk.start + len(act)
+    ids, gates = sequence.indices[chunk.start : end], sequence.gates[chunk.start : end]
+    part = torch.zeros(act.shape[1], dtype=torch.float64, device=act.device)
+    for j in ids.unique().tolist():
+        token, slot = (ids == j).nonzero(as_tuple=True)
+        norms = (act[token, j].to(down.dtype) @ down[j].T).float().norm(dim=-1)
+        part[j] += (gates[token, slot] * norms).sum(dtype=torch.float64)
+    return part
+
+
+def _sampled_inputs(sequence: Sequence) -> torch.Tensor:
+    """[t', H] float32: the sequence's block inputs at every ``stride``-th token of the calibration set."""
+    acc, x = sequence.accumulator, sequence.x
+    keep = (torch.arange(len(x), device=x.device) + acc.seen) % acc.stride == 0
+    return x[keep].float().cpu()
+
+
+def _output_sample(acc: LayerAccumulator, stats: dict) -> torch.Tensor:
+    """Every ``len / output_sample``-th sampled router input, in the router's dtype."""
+    inputs = stats["router_inputs"]
+    return inputs[:: math.ceil(len(inputs) / acc.output_sample)].to(acc.view.router_weight)
+
+
+statistic(
+    "mean_output",
+    per_chunk=lambda c: c.act.sum(0, dtype=torch.float64),
+    finish=_mean_output,
+    always=True,
+)
+statistic(
+    "counts",
+    per_sequence=lambda s: torch.bincount(s.indices.reshape(-1), minlength=s.logits.shape[1]),
+    always=True,
+)
+statistic(
+    "prob_sum",
+    per_sequence=lambda s: s.accumulator.view.routing.scores(s.logits).sum(0, dtype=torch.float64),
+    always=True,
+)
+statistic(
+    "reap",
+    per_chunk=_reap_part,
+    finish=lambda acc, total, stats: (total / stats["counts"].to(total.device).clamp(min=1)).cpu(),
+    requires=("counts",),
+    always=True,
+)
+statistic(
+    "selection_bias",
+    finish=lambda acc, total, stats: (
+        None if acc.view.selection_bias is None else acc.view.selection_bias.detach().float().cpu()
+    ),
+    always=True,
+)
+statistic("router_inputs", per_sequence=_sampled_inputs, join=True)
+statistic("router_logit_features", per_sequence=lambda s: s.logits.float().T.cpu(), join=True, dim=1)
+statistic("weight_gram", finish=lambda acc, total, stats: gram_of_weights(acc.view).cpu())
+statistic(
+    "router_logits",
+    finish=lambda acc, total, stats: (_output_sample(acc, stats) @ acc.view.router_weight.T).float().cpu(),
+    requires=("router_inputs",),
+)
+statistic(
+    "expert_outputs",
+    finish=lambda acc, total, stats: expert_outputs(acc.view, _output_sample(acc, stats)).cpu(),
+    requires=("router_inputs",),
+)
+
+
+def collected(needs: Iterable[str]) -> list[str]:
+    """The statistics a calibration collects when ``needs`` are asked for: the ``always`` ones, those asked, and
+    what they require, in registration order (which puts what is required first)."""
+    wanted = {name for name in names("statistic") if resolve("statistic", name).always} | set(needs)
+    pending = list(wanted)
+    while pending:
+        for required in resolve("statistic", pending.pop()).requires:
+            if required not in wanted:
+                wanted.add(required)
+                pending.append(required)
+    return [name for name in names("statistic") if name in wanted]
 
 
 class LayerAccumulator:
     """Gathers one MoE layer's statistics from the forward pre-hook :meth:`hook` on its block.
 
-    Each forward call (one calibration sequence) is summed on its own, then added to the running totals;
-    with several processes the per-sequence sums of all ranks are added in sequence order
-    (:mod:`moemerge.distributed`), so the result does not depend on the number of processes. ``seen`` is the
-    calibration-set offset of the next token (a driver that skips sequences sets it), which places the
-    sampled router inputs. The layer's weights are checked for NaN and Inf when it is built, its statistics
-    when they are read (:mod:`moemerge.statistics.finite`).
+    ``needs``: the optional statistics to collect (see :func:`collected`); ``router_sample`` and ``output_sample``:
+    how many tokens router_inputs and expert_outputs / router_logits keep. Each forward call (one calibration
+    sequence) is summed on its own, then added to the running totals; with several processes the per-sequence
+    parts of all ranks are added in sequence order (:mod:`moemerge.distributed`), so the result does not depend on
+    the number of processes. ``seen`` is the calibration-set offset of the next token (a driver that skips
+    sequences sets it), which places the sampled router inputs. The layer's weights are checked for NaN and Inf
+    when it is built, its statistics when they are read (:mod:`moemerge.statistics.finite`).
     """
 
     def __init__(
         self,
         view: MoELayerView,
         total_tokens: int,
-        router_sample: int = 0,
-        output_sample: int = 0,
-        keep_router_logits: bool = False,
-        weight_gram: bool = False,
+        needs: Iterable[str] = (),
+        router_sample: int = ROUTER_SAMPLE_TOKENS,
+        output_sample: int = OUTPUT_SAMPLE_TOKENS,
     ):
         gate_up, down = view.block.experts.gate_up_proj, view.block.experts.down_proj
         weights = {"experts.gate_up_proj": gate_up, "experts.down_proj": down, "gate.weight": view.router_weight}
         check_finite(view.layer, weights | {"gate.e_score_correction_bias": view.selection_bias}, WEIGHTS_FIX)
         self.view = view
         self.total_tokens = total_tokens
-        self.keep_router_logits, self.weight_gram = keep_router_logits, weight_gram
-        n, intermediate = view.num_experts, view.block.experts.down_proj.shape[2]
-        device = view.router_weight.device
-        self.act_sum = torch.zeros(n, intermediate, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(n, dtype=torch.int64, device=device)
-        self.prob_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        self.reap_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        self.router_logits: list[torch.Tensor] = []
-        self.router_inputs: list[torch.Tensor] = []
-        self.seen = 0
+        self.names = collected(needs)
+        self.statistics = {name: resolve("statistic", name) for name in self.names}
+        if "router_inputs" in self.names and router_sample < 1:
+            raise ValueError("router_inputs needs router_sample >= 1")
         self.stride = math.ceil(total_tokens / router_sample) if router_sample else 0
         self.output_sample = output_sample
-        self.pending: list[_SequenceSums] = []
+        self.totals: dict[str, torch.Tensor] = {}
+        self.joined: dict[str, list[torch.Tensor]] = {name: [] for name, s in self.statistics.items() if s.join}
+        self.seen = 0
+        self.pending: list[dict[str, torch.Tensor]] = []
         self.distributed = rank_and_world()[1] > 1
 
     def hook(self, module, args) -> None:
         """Forward pre-hook on the MoE block: returns None so the forward is unchanged."""
         x = args[0].reshape(-1, args[0].shape[-1])
-        sums = self.sequence_sums(x)
+        parts = self.sequence_parts(x)
         if self.distributed:
-            self.pending.append(sums)
+            self.pending.append(parts)
         else:
-            self.add(sums)
+            self.add(parts)
         self.seen += len(x)
 
-    def sequence_sums(self, x: torch.Tensor) -> _SequenceSums:
-        """The statistics of hidden states ``x`` [t, H] at the block's input, summed over its tokens.
+    def sequence_parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each statistic's part of hidden states ``x`` [t, H] at the block's input.
 
         Every expert runs on every token as one matrix multiply of a token chunk with the fused
-        ``gate_up_proj`` [n, 2I, H] seen as [n * 2I, H], in the weights' dtype; the intermediate
-        activations [chunk, n, I] are summed in float64. REAP needs ||E_j(x)|| only for the tokens
-        routed to j, so only those go through ``down_proj``.
+        ``gate_up_proj`` [n, 2I, H] seen as [n * 2I, H], in the weights' dtype; the per-chunk parts (such as the
+        intermediate activations [chunk, n, I] summed in float64) add up over the chunks.
         """
         view, experts = self.view, self.view.block.experts
         logits, weights, indices = view.block.gate(x)
-        n, two_i, hidden = experts.gate_up_proj.shape
-        intermediate = two_i // 2
-        down = experts.down_proj
-        fused = experts.gate_up_proj.reshape(n * two_i, hidden)
         gates = weights.float() / weights.float().sum(-1, keepdim=True)
-        act_sum = torch.zeros(n, intermediate, dtype=torch.float64, device=x.device)
-        reap = torch.zeros(n, dtype=torch.float64, device=x.device)
-        chunk = max(1, CHUNK_BYTES // (n * two_i * 4))
-        for start in range(0, len(x), chunk):
-            h = (x[start : start + chunk].to(fused.dtype) @ fused.T).view(-1, n, two_i)
-            act = view.act_fn(h[..., :intermediate]).float() * h[..., intermediate:].float()
-            act_sum += act.sum(0, dtype=torch.float64)
-            chunk_ids, chunk_gates = indices[start : start + chunk], gates[start : start + chunk]
-            for j in chunk_ids.unique().tolist():
-                token, slot = (chunk_ids == j).nonzero(as_tuple=True)
-                norms = (act[token, j].to(down.dtype) @ down[j].T).float().norm(dim=-1)
-                reap[j] += (chunk_gates[token, slot] * norms).sum(dtype=torch.float64)
-        inputs = None
-        if self.stride:
-            keep = (torch.arange(len(x), device=x.device) + self.seen) % self.stride == 0
-            inputs = x[keep].float().cpu()
-        return _SequenceSums(
-            act_sum,
-            torch.bincount(indices.reshape(-1), minlength=n),
-            view.routing.scores(logits).sum(0, dtype=torch.float64),
-            reap,
-            logits.float().T.cpu() if self.keep_router_logits else None,
-            inputs,
-        )
+        sequence = Sequence(self, x, logits, indices, gates)
+        parts = {name: s.per_sequence(sequence) for name, s in self.statistics.items() if s.per_sequence}
+        chunked = {name: s.per_chunk for name, s in self.statistics.items() if s.per_chunk}
+        if chunked:
+            n, two_i, hidden = experts.gate_up_proj.shape
+            intermediate = two_i // 2
+            fused = experts.gate_up_proj.reshape(n * two_i, hidden)
+            chunk = max(1, CHUNK_BYTES // (n * two_i * 4))
+            for start in range(0, len(x), chunk):
+                h = (x[start : start + chunk].to(fused.dtype) @ fused.T).view(-1, n, two_i)
+                act = view.act_fn(h[..., :intermediate]).float() * h[..., intermediate:].float()
+                for name, per_chunk in chunked.items():
+                    part = per_chunk(Chunk(sequence, start, act))
+                    parts[name] = part if name not in parts else parts[name].add_(part)
+        return parts
 
-    def add(self, sums: _SequenceSums) -> None:
-        """Add one sequence's sums to the totals."""
-        self.act_sum += sums.act.to(self.act_sum.device)
-        self.counts += sums.counts.to(self.counts.device)
-        self.prob_sum += sums.prob.to(self.prob_sum.device)
-        self.reap_sum += sums.reap.to(self.reap_sum.device)
-        if sums.router_logits is not None:
-            self.router_logits.append(sums.router_logits)
-        if sums.router_inputs is not None:
-            self.router_inputs.append(sums.router_inputs)
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        """Add one sequence's parts to the totals."""
+        for name, part in parts.items():
+            if name in self.joined:
+                self.joined[name].append(part)
+            elif name in self.totals:
+                self.totals[name] += part.to(self.totals[name].device)
+            else:
+                self.totals[name] = part.to(self.view.router_weight.device).clone()
 
     def result(self) -> LayerStatistics:
         """The layer's statistics over every sequence (of every rank)."""
         if self.distributed:
-            local = [dataclasses.replace(s, **{f: getattr(s, f).cpu() for f in _SUMMED}) for s in self.pending]
-            for sums in gather_in_order(local):
-                self.add(sums)
+            local = [{name: part.cpu() for name, part in parts.items()} for parts in self.pending]
+            for parts in gather_in_order(local):
+                self.add(parts)
             self.pending = []
-        down = self.view.block.experts.down_proj
-        act_mean = (self.act_sum / self.total_tokens).to(down.device)
-        step = max(1, CHUNK_BYTES // (down[0].numel() * 8))  # experts per float64 copy of down_proj
-        means = [
-            torch.einsum("nhi,ni->nh", down[a : a + step].double(), act_mean[a : a + step])
-            for a in range(0, len(down), step)
-        ]
-        mean_output = torch.cat(means).float().cpu()
-        bias = self.view.selection_bias
+        values: dict[str, torch.Tensor | None] = {}
+        for name, s in self.statistics.items():
+            if s.join:
+                total = torch.cat(self.joined[name], dim=s.dim) if self.joined[name] else None
+            else:
+                total = self.totals.get(name)
+            values[name] = s.finish(self, total, values) if s.finish else total.cpu()
         stats = LayerStatistics(
-            self.view.layer,
-            mean_output,
-            self.counts.cpu(),
-            self.total_tokens,
-            self.prob_sum.cpu(),
-            (self.reap_sum / self.counts.clamp(min=1)).cpu(),
-            self.view.routing,
-            None if bias is None else bias.detach().float().cpu(),
+            layer=self.view.layer, num_tokens=self.total_tokens, routing=self.view.routing, **values
         )
-        if self.router_logits:
-            stats.router_logit_features = torch.cat(self.router_logits, dim=1)
-        if self.weight_gram:
-            stats.weight_gram = gram_of_weights(self.view).cpu()
-        if self.router_inputs:
-            stats.router_inputs = torch.cat(self.router_inputs)
-        if self.output_sample and self.router_inputs:
-            x = stats.router_inputs[:: math.ceil(len(stats.router_inputs) / self.output_sample)]
-            x = x.to(self.view.router_weight)
-            stats.router_logits = (x @ self.view.router_weight.T).float().cpu()
-            stats.expert_outputs = expert_outputs(self.view, x).cpu()
         check_statistics(stats)
         return stats
 
@@ -245,23 +343,18 @@ def collect_statistics(
     model: torch.nn.Module,
     layers: list[MoELayerView],
     sequences: list[torch.Tensor],
-    router_sample: int = 0,
+    needs: Iterable[str] = (),
     progress: bool = True,
-    output_sample: int = 0,
-    keep_router_logits: bool = False,
-    weight_gram: bool = False,
+    router_sample: int = ROUTER_SAMPLE_TOKENS,
+    output_sample: int = OUTPUT_SAMPLE_TOKENS,
 ) -> dict[int, LayerStatistics]:
     """Run ``sequences`` (1-D token tensors) through ``model`` and return statistics per decoder layer.
 
-    ``router_sample``: keep about this many router-input hidden states per layer (0: none).
-    ``output_sample``: of those, keep router logits and every expert's output for about this many.
-    ``keep_router_logits``: keep every token's router logits (the router-logits metric).
-    ``weight_gram``: compute the Gram matrix of the expert weights (the weight metric).
+    ``needs``: the optional statistics to collect besides the ``always`` ones (names of LayerStatistics fields);
+    ``router_sample`` / ``output_sample``: how many tokens the sampled ones keep (see :class:`LayerAccumulator`).
     """
     total = sum(len(s) for s in sequences)
-    accumulators = [
-        LayerAccumulator(view, total, router_sample, output_sample, keep_router_logits, weight_gram) for view in layers
-    ]
+    accumulators = [LayerAccumulator(view, total, needs, router_sample, output_sample) for view in layers]
     handles = [acc.view.block.register_forward_pre_hook(acc.hook) for acc in accumulators]
     device = next(model.parameters()).device
     offsets = sequence_offsets(sequences)

@@ -132,7 +132,7 @@ def collect(layer: nn.Module, view, index: int, hidden: dict, calls: dict, total
     """(decoder layer ``index``'s statistics, its outputs {s: [1, T, H]}) on the hidden states ``hidden`` of the
     calibration sequences s (``offsets[s]``: where s starts among the ``total`` tokens); ``needs``: the optional
     statistics (:func:`moemerge.pipeline.statistics_needs`)."""
-    accumulator = LayerAccumulator(view, total, **needs)
+    accumulator = LayerAccumulator(view, total, needs)
     handle = view.block.register_forward_pre_hook(accumulator.hook)
     outputs = {}
     try:
