@@ -201,3 +201,26 @@ def test_moving_layer_inputs_keeps_shared_tensors_shared():
     moved = _to(calls, torch.device("meta"))
     tensors = [t for args, kwargs in moved for t in (*args, *kwargs["position_embeddings"])]
     assert all(t.is_meta for t in tensors) and len({id(t) for t in tensors}) == 2
+
+
+@pytest.mark.parametrize("damage", ["drop-layer", "remove"])
+def test_a_damaged_grouped_router_file_is_one_error_line(tmp_path, capfd, damage):
+    """A --router grouped output whose router sidecar lacks a layer's router, or is gone: eval (and load_model)
+    say so in one line, exit 2, instead of a KeyError or FileNotFoundError traceback."""
+    from safetensors.torch import load_file, save_file
+
+    text = text_file(tmp_path)
+    src = save_tiny("mixtral", tmp_path / "src")
+    out = tmp_path / "out"
+    moemerge.reduce(src, out, experts=4, router="grouped", calib=str(text), calib_samples=2, calib_seq_len=32,
+                    progress=False)  # fmt: skip
+    sidecar = out / "moemerge_router.safetensors"
+    if damage == "remove":
+        sidecar.unlink()
+    else:
+        save_file({k: t for k, t in load_file(sidecar).items() if not k.startswith("layers.1.")}, sidecar)
+    code, _, err = run(["eval", out, "--data", text, "--no-cost", "--quiet"], capfd)
+    line = assert_clean_error(code, err, tmp_path / "no-output")
+    assert "moemerge_router.safetensors" in line and ("layer 1" in line or "cannot be read" in line)
+    with pytest.raises(moemerge.MoemergeError):
+        moemerge.load_model(out)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import safetensors
 from safetensors.torch import load_file
 
 from moemerge.checkpoint.model_files import read_record
 from moemerge.checkpoint.source import SIDECAR, inspect_source, load_source
+from moemerge.errors import MoemergeError
 from moemerge.routing.grouped import install_grouped_routers
 
 
@@ -34,8 +36,16 @@ def grouped_routers(source) -> tuple[dict, dict, int] | None:
     meta = read_record(source.path)
     if meta is None or meta["router"] != "grouped":
         return None
-    tensors = load_file(source.path / SIDECAR)
+    sidecar = source.path / SIDECAR
+    damaged = f"{sidecar}, which holds the original routers of this --router grouped output,"
+    try:
+        tensors = load_file(sidecar)
+    except (OSError, safetensors.SafetensorError) as err:
+        raise MoemergeError(f"{damaged} cannot be read ({err}); reduce the original model again") from None
     layers = [entry["layer"] for entry in meta["layers"]]
+    missing = [layer for layer in layers if f"layers.{layer}.weight" not in tensors]
+    if missing:
+        raise MoemergeError(f"{damaged} has no router for layer {missing[0]}; reduce the original model again")
     routers = {
         layer: (tensors[f"layers.{layer}.weight"], tensors.get(f"layers.{layer}.e_score_correction_bias"))
         for layer in layers
