@@ -76,11 +76,12 @@ def merge_experts(
     gate, up, down = weights
     size = gate.shape[1]
     units = units or [None] * len(groups)
-    merged = ([], [], [])
-    for group, alphas, unit in zip(groups, member_weights, units, strict=True):
+    # each merged expert is written (rounded to the input dtype) straight into its row: no list to stack
+    merged = tuple(torch.empty((len(groups), *w.shape[1:]), dtype=w.dtype, device=w.device) for w in weights)
+    for g, (group, alphas, unit) in enumerate(zip(groups, member_weights, units, strict=True)):
         if unit is None and len(group) == 1 and alphas.tolist() == [1.0]:  # 1.0 * w in float64 is w: skip the sums
             for out, w in zip(merged, weights, strict=True):
-                out.append(w[group[0]])
+                out[g] = w[group[0]]
             continue
         acc = [torch.zeros(w.shape[1:], dtype=torch.float64, device=w.device) for w in (gate, up, down)]
         mass = torch.zeros(size, dtype=torch.float64, device=gate.device)
@@ -97,6 +98,6 @@ def merge_experts(
         if unit is not None:  # identity units have mass sum(a) = 1: no division, so copies merge bit for bit
             acc[0] /= mass[:, None]
             acc[1] /= mass[:, None]
-        for out, w, a in zip(merged, weights, acc, strict=True):
-            out.append(a.to(w.dtype))
-    return tuple(torch.stack(rows) for rows in merged)
+        for out, a in zip(merged, acc, strict=True):
+            out[g] = a
+    return merged
