@@ -110,3 +110,13 @@ def test_every_declared_need_is_a_registered_statistic_of_the_statistics_record(
     declared = {n for kind in ("method", "metric", "merge", "router-rows") for c in names(kind) for n in needs(kind, c)}
     assert declared and declared <= statistics
     assert statistics <= {f.name for f in fields(LayerStatistics)}
+
+
+@pytest.mark.parametrize("method", ["m-smoe", "mc-smoe"])
+def test_a_preset_grouping_ignores_the_linkage(method):
+    """m-smoe and mc-smoe group by their preset (single-shot on cosine router logits), so a --linkage that needs
+    another distance (ward: Euclidean only) is no error for them, as for the version before ReduceOptions; for
+    hc-smoe it still is."""
+    assert ReduceOptions(method=method, linkage="ward").effective().linkage == "ward"
+    with pytest.raises(MoemergeError, match="ward"):
+        ReduceOptions(linkage="ward", distance="cosine")

@@ -10,6 +10,7 @@ router, calibration length against its context) is checked by :func:`moemerge.pi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, fields
 
@@ -59,8 +60,8 @@ class ReduceOptions:
     calib: str | None = None
     calib_samples: int = CALIB_SAMPLES
     calib_seq_len: int = CALIB_SEQ_LEN
-    device: str = "cpu"
     dtype: str = "auto"
+    device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self):
@@ -99,7 +100,7 @@ class ReduceOptions:
 
     def _check_types(self) -> None:
         """``True`` is not a number, 2 is a float."""
-        hints = typing.get_type_hints(type(self))
+        hints = _type_hints()
         for f in fields(self):
             value = getattr(self, f.name)
             allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
@@ -112,7 +113,8 @@ class ReduceOptions:
             resolve(kind, name)
         resolve("merge", self.merge)
         resolve("router-rows", self.router_rows)
-        check_linkage(self.linkage, self.distance)
+        if "distance" not in resolve("method", self.method).preset:  # a preset's own grouping has no linkage
+            check_linkage(self.linkage, self.distance)
         check_choice("k-means init", self.kmeans_init, KMEANS_INITS)
         check_choice("budget", self.budget, BUDGETS)
         if self.router not in ROUTER_MODES:
@@ -155,3 +157,8 @@ class ReduceOptions:
         if not resolve("method", self.method).prunes:
             needed |= needs("metric", self._effective("metric"))
         return needed
+
+
+@functools.cache
+def _type_hints() -> dict:
+    return typing.get_type_hints(ReduceOptions)

@@ -100,15 +100,18 @@ def plan_groups(
     family: MoEFamily,
     config,
     r: int,
-    options: ReduceOptions | None = None,
+    options: ReduceOptions | str | None = None,
     **settings,
 ) -> dict[int, list[list[int]]]:
     """Groups of original expert ids per decoder layer by ``options.method``: r per layer, or r on average with a
     non-uniform ``options.budget`` (:mod:`moemerge.grouping.budgets`).
 
-    ``options``: a :class:`ReduceOptions`, or its fields as keyword ``settings`` (e.g. ``method="f-prune"``). A
-    layer whose budget keeps all its experts gets one-member groups.
+    ``options``: a :class:`ReduceOptions`, or its fields as keyword ``settings`` (e.g. ``method="f-prune"``; the
+    method's name may also stand in ``options``' place). A layer whose budget keeps all its experts gets one-member
+    groups.
     """
+    if isinstance(options, str):
+        options, settings = None, {"method": options} | settings
     if options is None:
         options = ReduceOptions.from_dict(settings)
     elif settings:

@@ -204,6 +204,7 @@ statistic(
 def collected(needs: Iterable[str]) -> list[str]:
     """The statistics a calibration collects when ``needs`` are asked for: the ``always`` ones, those asked, and
     what they require, in registration order (which puts what is required first)."""
+    needs = (needs,) if isinstance(needs, str) else needs
     wanted = {name for name in names("statistic") if resolve("statistic", name).always} | set(needs)
     pending = list(wanted)
     while pending:
