@@ -224,3 +224,27 @@ def test_a_damaged_grouped_router_file_is_one_error_line(tmp_path, capfd, damage
     assert "moemerge_router.safetensors" in line and ("layer 1" in line or "cannot be read" in line)
     with pytest.raises(moemerge.MoemergeError):
         moemerge.load_model(out)
+
+
+def test_compare_takes_several_passes_when_the_activations_do_not_fit(tmp_path, layer_by_layer, monkeypatch, caplog):
+    """With the memory available (psutil's, faked) holding the activations of the reference and one reduction, a
+    grid of 4 cells is measured in 4 passes over the layers, the log says so, and every row equals the one-pass
+    grid's (timings aside)."""
+    import types
+
+    from transformers import AutoConfig
+
+    text = text_file(tmp_path)
+    src = save_tiny("mixtral", tmp_path / "src")
+    grid = dict(data=str(text), max_tokens=MAX_TOKENS, seq_len=SEQ_LEN, calib=str(text), calib_samples=2,
+                calib_seq_len=32, seed=3, progress=False)  # fmt: skip
+    one = compare(src, tmp_path / "one", ["hc-smoe", "f-prune"], [4, 6], **grid)
+    tokens = sum(len(c) for c in evaluation_chunks())
+    each = tokens * AutoConfig.from_pretrained(src).hidden_size * 4  # float32 activations of one model
+    monkeypatch.setattr(COMPARE.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2 * 4 * each))
+    with caplog.at_level("INFO", logger="moemerge"):
+        several = compare(src, tmp_path / "several", ["hc-smoe", "f-prune"], [4, 6], **grid)
+    assert "measuring them in 4 passes over the layers, 1 at a time" in caplog.text
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in several] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in one
+    ]

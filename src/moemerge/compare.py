@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+import torch
 from matplotlib.figure import Figure
 from transformers import AutoConfig
 
@@ -194,8 +196,23 @@ def _grid_layer_by_layer(source, config, variants, experts, router, calibrating,
             cell = ReducedLayers(stream, stats, groups, variant.options)
             cells[variant.spec, r] = Candidate(layer=cell.make)
             timing[variant.spec, r] = (cell, time.perf_counter() - start)
-    with phase(f"measuring the original and {len(cells)} reductions, one decoder layer at a time"):
-        original, measured, _ = measure_layer_by_layer(stream, family, chunks, cells, progress=progress)
+    hidden = stream.skeleton.get_input_embeddings().embedding_dim
+    per_pass = cells_per_pass(sum(len(c) for c in chunks), hidden, stream.compute, len(cells))
+    names, measured = list(cells), {}
+    passes = range(0, len(names), per_pass)
+    if len(passes) > 1:
+        log.info(
+            "the evaluation activations of %d reductions do not fit in memory at once: measuring them in %d passes "
+            "over the layers, %d at a time",
+            len(names),
+            len(passes),
+            per_pass,
+        )
+    for first in passes:
+        batch = {name: cells[name] for name in names[first : first + per_pass]}
+        with phase(f"measuring the original and {len(batch)} reductions, one decoder layer at a time"):
+            original, part, _ = measure_layer_by_layer(stream, family, chunks, batch, progress=progress)
+        measured |= part
     rows = [row_of("original", n, n, [n] * len(stream.views), original, original["parameters"], 0)]
     for (spec, r), result in measured.items():
         cell, planning = timing[spec, r]
@@ -229,6 +246,15 @@ def _grid_whole(source, config, variants, experts, router, calibrating, windows,
             rows.append(row_of(variant.spec, r, n, counts, result, params, seconds))
             del reduced
     return rows, text
+
+
+def cells_per_pass(tokens: int, hidden: int, dtype: torch.dtype, cells: int) -> int:
+    """How many grid cells one pass over the layers measures: each carries ``tokens`` x ``hidden`` activations in
+    ``dtype`` beside the reference's three (:mod:`moemerge.streaming.measure`), within half of the memory available
+    now; at least one."""
+    each = tokens * hidden * dtype.itemsize
+    budget = psutil.virtual_memory().available // 2
+    return max(1, min(cells, budget // each - 3))
 
 
 class ReducedLayers:
