@@ -101,6 +101,7 @@ class Statistic:
     finish: (LayerAccumulator, the total or the joined parts, the statistics finished so far) -> the field's value;
         default: the total, on the CPU.
     requires: statistics it is computed from (finished first). always: collected on every calibration.
+    kept: kept in a streamed run's record of each finished layer (small; the report reads it).
     """
 
     per_chunk: Callable[[Chunk], torch.Tensor] | None = None
@@ -110,6 +111,7 @@ class Statistic:
     finish: Callable | None = None
     requires: tuple[str, ...] = ()
     always: bool = False
+    kept: bool = False
 
 
 def statistic(name: str, **declared) -> Statistic:
@@ -161,16 +163,19 @@ statistic(
     per_chunk=lambda c: c.act.sum(0, dtype=torch.float64),
     finish=_mean_output,
     always=True,
+    kept=True,
 )
 statistic(
     "counts",
     per_sequence=lambda s: torch.bincount(s.indices.reshape(-1), minlength=s.logits.shape[1]),
     always=True,
+    kept=True,
 )
 statistic(
     "prob_sum",
     per_sequence=lambda s: s.accumulator.view.routing.scores(s.logits).sum(0, dtype=torch.float64),
     always=True,
+    kept=True,
 )
 statistic(
     "reap",
@@ -178,6 +183,7 @@ statistic(
     finish=lambda acc, total, stats: (total / stats["counts"].to(total.device).clamp(min=1)).cpu(),
     requires=("counts",),
     always=True,
+    kept=True,
 )
 statistic(
     "selection_bias",
@@ -185,9 +191,10 @@ statistic(
         None if acc.view.selection_bias is None else acc.view.selection_bias.detach().float().cpu()
     ),
     always=True,
+    kept=True,
 )
 statistic("router_inputs", per_sequence=_sampled_inputs, join=True)
-statistic("router_logit_features", per_sequence=lambda s: s.logits.float().T.cpu(), join=True, dim=1)
+statistic("router_logit_features", per_sequence=lambda s: s.logits.float().T.cpu(), join=True, dim=1, kept=True)
 statistic("weight_gram", finish=lambda acc, total, stats: gram_of_weights(acc.view).cpu())
 statistic(
     "router_logits",

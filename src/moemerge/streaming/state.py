@@ -27,11 +27,13 @@ from moemerge.errors import MoemergeError
 from moemerge.grouping import SoftGroups
 from moemerge.output_files import write_json
 from moemerge.progress import log
+from moemerge.registry import names, resolve
 from moemerge.statistics import LayerStatistics
 
 SCHEMA = "moemerge.stream-state/1"
 STATE_DIR = ".moemerge-state"
-KEPT_STATS = ("mean_output", "counts", "prob_sum", "reap", "selection_bias", "router_logit_features")
+# the statistics a finished layer's record keeps (registered as kept; see moemerge.statistics.expert_stats)
+KEPT_STATS = tuple(name for name in names("statistic") if resolve("statistic", name).kept)
 
 
 def partial_dir(out: Path) -> Path:
@@ -136,17 +138,7 @@ class RunState:
             record = self.state["layers"][str(layer)]
             tensors = _load(self.partial, self.dir / f"layer-{layer}.safetensors")
             kept = {f: tensors.get(f"stats.{f}") for f in KEPT_STATS}
-            stats[layer] = LayerStatistics(
-                layer,
-                kept["mean_output"],
-                kept["counts"],
-                record["num_tokens"],
-                kept["prob_sum"],
-                kept["reap"],
-                routing,
-                kept["selection_bias"],
-                router_logit_features=kept["router_logit_features"],
-            )
+            stats[layer] = LayerStatistics(layer=layer, num_tokens=record["num_tokens"], routing=routing, **kept)
             groups[layer] = record["groups"]
             if "memberships" in record:
                 memberships = [torch.tensor(u, dtype=torch.float64) for u in record["memberships"]]
