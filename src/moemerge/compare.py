@@ -156,13 +156,13 @@ def compare(
     with atomic_output(out, force) as tmp:
         if whole is None:
             rows, text = _grid_layer_by_layer(
-                source, config, variants, experts, router, calibrating, windows, dtype, device, progress
+                source, config, variants, experts, calibrating, windows, dtype, device, progress
             )
         else:
             log.info("%s: loading the whole model", whole)
             evaluation = (tasks, limit, tasks_source, batch_size)
             rows, text = _grid_whole(
-                source, config, variants, experts, router, calibrating, windows, evaluation, dtype, device, progress
+                source, config, variants, experts, calibrating, windows, evaluation, dtype, device, progress
             )
         write_csv(rows, tmp / "results.csv")
         (tmp / "results.md").write_text(
@@ -174,17 +174,23 @@ def compare(
     return rows
 
 
-def _grid_layer_by_layer(source, config, variants, experts, router, calibrating, windows, dtype, device, progress):
+def _tokens(model, tokenizer, calibrating: tuple, windows: tuple):
+    """(the calibration set, the evaluation text, its windows) for ``model`` (loaded, or a skeleton): ``calibrating``
+    is (calib, samples, seq_len, seed), ``windows`` (data, max_tokens, seq_len)."""
+    calib, samples, seq_len, seed = calibrating
+    vocab = model.get_input_embeddings().num_embeddings
+    calibration = load_calibration(calib, tokenizer, samples, seq_len, seed, vocab)
+    text, _, chunks = evaluation_windows(model, tokenizer, *windows)
+    return calibration, text, chunks
+
+
+def _grid_layer_by_layer(source, config, variants, experts, calibrating, windows, dtype, device, progress):
     """(the grid's rows, the evaluation tokens), reading the model one decoder layer at a time: one pass collects
     the calibration statistics, a second measures the original and every cell, each cell's layer reduced from the
     original's as the pass reaches it (:mod:`moemerge.streaming.measure`)."""
     family, n = source.family, source.family.num_experts(config)
     stream = LayerStream(source, config, dtype, device)
-    tokenizer = load_tokenizer(source)
-    vocab = stream.skeleton.get_input_embeddings().num_embeddings
-    calib, calib_samples, calib_seq_len, seed = calibrating
-    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
-    text, _, chunks = evaluation_windows(stream.skeleton, tokenizer, *windows)
+    calibration, text, chunks = _tokens(stream.skeleton, load_tokenizer(source), calibrating, windows)
     needs = statistics_needs([v.options for v in variants])
     with phase(f"statistics of {len(stream.views)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
         stats = layer_statistics(stream, stream.views, [calibration.sequences], needs, progress)[0]
@@ -221,16 +227,13 @@ def _grid_layer_by_layer(source, config, variants, experts, router, calibrating,
     return rows, text
 
 
-def _grid_whole(source, config, variants, experts, router, calibrating, windows, evaluation, dtype, device, progress):
+def _grid_whole(source, config, variants, experts, calibrating, windows, evaluation, dtype, device, progress):
     """(the grid's rows, the evaluation tokens), the model loaded whole and each cell a reduced copy of it."""
     family, n = source.family, source.family.num_experts(config)
     loaded, tokenizer = load_source(source, dtype=dtype, device=device)
     stored = compute_in_fastest(loaded)
     layers = family.moe_layers(loaded)
-    vocab = loaded.get_input_embeddings().num_embeddings
-    calib, calib_samples, calib_seq_len, seed = calibrating
-    calibration = load_calibration(calib, tokenizer, calib_samples, calib_seq_len, seed, vocab)
-    text, _, chunks = evaluation_windows(loaded, tokenizer, *windows)
+    calibration, text, chunks = _tokens(loaded, tokenizer, calibrating, windows)
     needs = statistics_needs([v.options for v in variants])
     stats = collect_statistics(loaded, layers, calibration.sequences, needs, progress=progress)
     baseline = measure(loaded, tokenizer, family, chunks, None, *evaluation)

@@ -117,7 +117,6 @@ def reduce_streaming(
     force: bool = False,
     progress: bool = True,
     report: bool = True,
-    planned: dict[int, list[list[int]]] | None = None,
     **options,
 ) -> ReduceResult:
     """Reduce the model in directory ``model`` layer by layer into ``out`` (see the module docstring).
@@ -126,11 +125,10 @@ def reduce_streaming(
     runs the calibration tokens through every layer and records its statistics, the second sets each layer's
     expert count from all of them and merges layer by layer. ``resume``: continue the unfinished run of this
     ``out`` (same model and options) from its last finished step; the result is byte-identical to an
-    uninterrupted run's. ``planned``: merge every MoE layer to these groups (a recipe's, checked by the caller)
-    instead of grouping it.
+    uninterrupted run's.
     """
     run = prepare(model, out, force=force, progress=progress, load=False, **options)
-    return reduce_prepared(run, out, sequential, resume, force, progress, report, planned)
+    return reduce_prepared(run, out, sequential, resume, force, progress, report)
 
 
 @torch.no_grad()
@@ -144,7 +142,8 @@ def reduce_prepared(
     report: bool = True,
     planned: dict[int, list[list[int]]] | None = None,
 ) -> ReduceResult:
-    """:func:`reduce_streaming` of a run already prepared with ``load=False`` (its options and ``out`` checked)."""
+    """:func:`reduce_streaming` of a run already prepared with ``load=False`` (its options and ``out`` checked);
+    ``planned``: merge every MoE layer to these groups (a recipe's, checked by the caller) instead of grouping it."""
     o, family, config = run.options, run.source.family, run.config
     compresses = resolve("method", o.method).compresses
     if run.source.uses_pickle:
