@@ -1,13 +1,17 @@
-"""Train the three benchmark MoEs of ``benchmarks/models/`` on the text of ``scripts/benchmark_text.py``.
+"""Train the five benchmark MoEs of ``benchmarks/models/`` on the text of ``scripts/benchmark_text.py``.
 
-Run: ``python scripts/train_benchmark_models.py MODEL [--cache DIR] [--out DIR] [--seed S]`` with MODEL one of
-``mixtral-upcycled``, ``qwen2moe-upcycled``, ``olmoe-scratch``. Deterministic for a given seed and thread
-count (torch uses 2 threads here): fixed step counts, seeded sampling, no data-loader workers.
+Run: ``python scripts/train_benchmark_models.py MODEL [--cache DIR] [--out DIR] [--seed S] [--threads N]
+[--checkpoints DIR]`` with MODEL one of ``mixtral-upcycled``, ``qwen2moe-upcycled``, ``olmoe-scratch``,
+``qwen3moe-scratch``, ``deepseek-scratch``. Deterministic for a given seed, thread count and CPU: fixed step
+counts, seeded sampling, no data-loader workers, torch's deterministic algorithms. Training checkpoints go to
+``--checkpoints`` every ``CHECKPOINT_EVERY`` steps; run the same command again after an interruption and it
+goes on from the last one, to the same weights.
 
-All three share one byte-level BPE tokenizer (8192 tokens) trained on the train splits of all five domains,
-6 decoder layers, hidden 256, tied embeddings, sequences of 256 tokens, batches of 16. A training sequence
-comes from one domain, drawn with probability proportional to the square root of the domain's train size (so
-the 11 MB of Python documentation does not drown the 1.4 MB of LAMBADA), at a random offset.
+All five share one byte-level BPE tokenizer (8192 tokens, ``benchmarks/data/tokenizer.json``), 6 decoder
+layers, hidden 256, tied embeddings, sequences of 256 tokens, batches of 16, and 2,500 steps (10.24 M tokens).
+A training sequence comes from one domain, drawn with probability proportional to the square root of the
+domain's train size (so the 11 MB of Python documentation does not drown the 1.4 MB of LAMBADA), at a random
+offset.
 
 - ``mixtral-upcycled``: Mixtral-class, 8 experts of width 224, top-2. A dense Mistral-architecture model (MLP
   width 224) is trained first; each MoE layer's experts are copies of its dense MLP plus Gaussian noise of
@@ -19,10 +23,16 @@ the 11 MB of Python documentation does not drown the 1.4 MB of LAMBADA), at a ra
   the shared expert is the whole dense MLP, as Qwen1.5-MoE was upcycled from Qwen-1.8B.
 - ``olmoe-scratch``: OLMoE-class, 16 experts of width 112, top-2, trained from random weights (no common
   origin for the experts).
+- ``qwen3moe-scratch``: Qwen3-MoE-class (Qwen3-30B-A3B), 64 fine-grained experts of width 28, top-8 with the
+  top-k weights renormalised, head dimension 64, from random weights, the load-balancing loss on every layer.
+- ``deepseek-scratch``: DeepSeek-V3-class, a dense first layer (MLP width 256), then 32 routed experts of width
+  64 with sigmoid routing, top-4 in one group, weights renormalised and scaled by 2.5, one shared expert of
+  width 64, multi-head latent attention (KV rank 64); no balancing loss: the selection bias
+  ``e_score_correction_bias`` is nudged after every step toward under-used experts (``SelectionBiasBalancer``).
 
-Each output folder gets the weights (bf16), the tokenizer, ``card.json`` (data, steps, tokens seen,
-per-domain validation perplexity of the saved bf16 weights, per-layer expert usage) and a ``README.md``
-model card made from it.
+Each output folder gets the weights (bf16), the tokenizer, ``card.json`` (data, steps, tokens seen, threads and
+CPU, per-domain validation perplexity of the saved bf16 weights, per-layer expert usage, expert specialisation)
+and a ``README.md`` model card made from it.
 """
 
 from __future__ import annotations
@@ -30,14 +40,16 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 from benchmark_text import DOMAINS  # scripts/ is on sys.path
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
@@ -49,11 +61,16 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
+from moemerge.adapters import family_for
 from moemerge.evaluation.perplexity import perplexity, windows
+from moemerge.statistics.expert_stats import collect_statistics
 
 REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "benchmarks" / "data" / "tokenizer.json"
 VOCAB = 8192
 SEQ_LEN = 256
 BATCH = 16
@@ -74,9 +91,23 @@ RECIPES = {
     "cut into segments that are replicated into 32 fine-grained experts (top-4), the whole dense MLP kept as the "
     "shared expert, then trained on as an MoE with the load-balancing loss.",
     "olmoe-scratch": "Trained from random weights, as OLMoE was: 16 experts (top-2) with no common origin.",
+    "qwen3moe-scratch": "Trained from random weights, as Qwen3-30B-A3B was: 64 fine-grained experts, top-8 with "
+    "the top-k weights renormalised, and the load-balancing loss on every layer.",
+    "deepseek-scratch": "Trained from random weights, as DeepSeek-V3 was: sigmoid routing over 32 routed experts "
+    "(top-4, one group) with a selection bias balanced without an auxiliary loss (after each step every layer's "
+    "bias moves by BIAS_RATE toward its under-used experts), one shared expert, routed scaling 2.5, multi-head "
+    "latent attention, and a dense first layer.",
 }
-# (dense steps, MoE steps): each model trains in 20-30 minutes on 2 CPU cores (the limit is 60).
-STEPS = {"mixtral-upcycled": (400, 650), "qwen2moe-upcycled": (300, 500), "olmoe-scratch": (0, 700)}
+# (dense steps, MoE steps): 2,500 steps of BATCH x SEQ_LEN tokens, 10.24 M tokens per model.
+STEPS = {
+    "mixtral-upcycled": (950, 1550),
+    "qwen2moe-upcycled": (950, 1550),
+    "olmoe-scratch": (0, 2500),
+    "qwen3moe-scratch": (0, 2500),
+    "deepseek-scratch": (0, 2500),
+}
+BIAS_RATE = 0.001  # DeepSeek-V3's bias update speed gamma
+CHECKPOINT_EVERY = 100  # steps between training checkpoints (model, optimiser, schedule, sampler)
 CHECK_WINDOWS = 12  # validation windows per domain that the test suite re-scores
 
 
@@ -85,20 +116,18 @@ def read_split(cache: Path, domain: str, split: str) -> list[str]:
     return [json.loads(line)["text"] for line in lines]
 
 
-def build_tokenizer(cache: Path) -> PreTrainedTokenizerFast:
-    """The shared BPE tokenizer, trained once on every domain's train split and kept in the cache."""
-    path = cache / "tokenizer.json"
-    if not path.exists():
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        tok.train_from_iterator((doc for d in DOMAINS for doc in read_split(cache, d, "train")), trainer=trainer)
-        tok.save(str(path))
+def shipped_tokenizer() -> PreTrainedTokenizerFast:
+    """The shared byte-level BPE tokenizer (``VOCAB`` tokens), shipped in ``benchmarks/data/tokenizer.json``.
+
+    It was trained once by ``tokenizers``' ``BpeTrainer`` on every domain's train split; that trainer does not
+    give the same merges twice, so the file is kept rather than rebuilt, and every benchmark model and every
+    retraining reads the same one (perplexities stay comparable across models and retrainings).
+    """
     return PreTrainedTokenizerFast(
-        tokenizer_file=str(path), eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        tokenizer_file=str(TOKENIZER),
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
     )
 
 
@@ -129,12 +158,28 @@ class Sampler:
         return torch.stack(rows)
 
 
-def train(model, sampler: Sampler, steps: int, lr: float, label: str) -> None:
+def train(model, sampler: Sampler, steps: int, lr: float, label: str, checkpoint: Path) -> float:
+    """Train ``steps`` steps; return the seconds spent, over every resumed run.
+
+    Every ``CHECKPOINT_EVERY`` steps and at the end, the model, optimiser, schedule, sampler state and step go to
+    ``checkpoint``; a run that finds it there goes on from it, so an interrupted run resumed gives the same
+    weights as one that never stopped.
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    first, spent = 0, 0.0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        sampler.gen.set_state(state["sampler"])
+        first, spent = state["step"], state["seconds"]
+        print(f"{label}: resumed at step {first} from {checkpoint}", flush=True)
+    balancer = SelectionBiasBalancer(model) if model.config.model_type == "deepseek_v3" else None
     model.train()
-    start = time.time()
-    for step in range(steps):
+    start = time.time() - spent
+    for step in range(first, steps):
         batch = sampler.batch()
         out = model(input_ids=batch, labels=batch)
         loss = out.loss
@@ -145,9 +190,48 @@ def train(model, sampler: Sampler, steps: int, lr: float, label: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+        if balancer is not None:
+            balancer.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"{label} step {step} loss {out.loss.item():.3f} total {loss.item():.3f} {time.time() - start:.0f}s")
+        if (step + 1) % CHECKPOINT_EVERY == 0 or step == steps - 1:
+            state = dict(model=model.state_dict(), optimizer=opt.state_dict(), schedule=sched.state_dict())
+            state |= dict(sampler=sampler.gen.get_state(), step=step + 1, seconds=time.time() - start)
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
+    if balancer is not None:
+        balancer.remove()
     model.eval()
+    return time.time() - start
+
+
+class SelectionBiasBalancer:
+    """DeepSeek-V3's auxiliary-loss-free load balancing: hooks count the experts each router selects during a
+    step, and after the step every layer's ``e_score_correction_bias`` moves by ``BIAS_RATE`` up for experts
+    below the layer's mean load and down for those above it."""
+
+    def __init__(self, model):
+        self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+        self.counts = [torch.zeros_like(r.e_score_correction_bias) for r in self.routers]
+        self.hooks = [r.register_forward_hook(self._count(i)) for i, r in enumerate(self.routers)]
+
+    def _count(self, i: int):
+        def hook(module, args, output) -> None:
+            indices = output[2]  # [tokens, top_k]
+            self.counts[i] += torch.bincount(indices.flatten(), minlength=len(self.counts[i])).float()
+
+        return hook
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for router, counts in zip(self.routers, self.counts, strict=True):
+            router.e_score_correction_bias += BIAS_RATE * torch.sign(counts.mean() - counts)
+            counts.zero_()
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 def balance_loss(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,44 +310,107 @@ def build(name: str, vocab: dict):
     if name == "olmoe-scratch":
         config = OlmoeConfig(**moe_common, intermediate_size=112, num_experts=16, num_experts_per_tok=2)
         return None, OlmoeForCausalLM(config), None
+    if name == "qwen3moe-scratch":
+        config = Qwen3MoeConfig(
+            **moe_common,
+            head_dim=64,
+            moe_intermediate_size=28,
+            num_experts=64,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+        )
+        return None, Qwen3MoeForCausalLM(config), None
+    if name == "deepseek-scratch":
+        config = DeepseekV3Config(
+            **COMMON,
+            **vocab,
+            intermediate_size=256,  # the dense first layer
+            first_k_dense_replace=1,
+            moe_intermediate_size=64,
+            n_routed_experts=32,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            q_lora_rank=None,
+            kv_lora_rank=64,
+            qk_rope_head_dim=32,
+            qk_nope_head_dim=32,
+            v_head_dim=64,
+        )
+        return None, DeepseekV3ForCausalLM(config), None
     raise SystemExit(f"unknown model {name!r}; choose one of {', '.join(STEPS)}")
 
 
 def card_figures(saved, streams: dict[str, torch.Tensor]) -> dict:
     """The card's measurements of the saved model on the validation ``streams`` ([L] ids per domain): perplexity
-    per domain and expert usage on all of it, and the same two on the first ``CHECK_WINDOWS`` windows of each
-    domain, which the test suite recomputes independently (the whole split would cost it a minute per model)."""
-
-    def measured(part: dict[str, torch.Tensor]) -> dict:
-        return {
-            "validation_perplexity": {
-                d: round(perplexity(saved, windows(s, SEQ_LEN))["perplexity"], 3) for d, s in part.items()
-            },
-            "expert_usage": expert_usage(saved, part),
-        }
-
+    per domain, expert usage and specialisation on all of it, and perplexity and usage on the first
+    ``CHECK_WINDOWS`` windows of each domain, which the test suite recomputes independently (the whole split would
+    cost it a minute per model)."""
     first = {d: s[: CHECK_WINDOWS * SEQ_LEN] for d, s in streams.items()}
-    return measured(streams) | {"check": {"windows_per_domain": CHECK_WINDOWS, **measured(first)}}
+    check = {"windows_per_domain": CHECK_WINDOWS, **measured(saved, first)}
+    return measured(saved, streams, specialisation=True) | {"check": check}
 
 
-@torch.inference_mode()
-def expert_usage(model, streams: dict[str, torch.Tensor]) -> list[list[float]]:
-    """[layers][experts] share of the top-k routing slots each expert got on all validation tokens."""
-    counts = None
-    k = model.config.num_experts_per_tok
-    for stream in streams.values():
-        for chunk in windows(stream, SEQ_LEN):
-            logits = model(input_ids=chunk[None], output_router_logits=True).router_logits
-            layer_counts = torch.stack(
-                [torch.bincount(lg.topk(k, dim=-1).indices.flatten(), minlength=lg.shape[-1]) for lg in logits]
-            )
-            counts = layer_counts if counts is None else counts + layer_counts
-    shares = counts.double() / counts.sum(dim=1, keepdim=True)
-    return [[round(v, 4) for v in row] for row in shares.tolist()]
+def measured(saved, streams: dict[str, torch.Tensor], specialisation: bool = False) -> dict:
+    """Perplexity per domain and expert usage per layer over every domain's windows; with ``specialisation``
+    also :func:`specialisation` figures."""
+    per_domain = {d: routing_statistics(saved, s) for d, s in streams.items()}
+    counts = torch.stack([torch.stack([st.counts for st in layers]) for layers in per_domain.values()])
+    usage = counts.sum(dim=0).double()  # [layers, experts]
+    figures = {
+        "validation_perplexity": {
+            d: round(perplexity(saved, windows(s, SEQ_LEN))["perplexity"], 3) for d, s in streams.items()
+        },
+        "expert_usage": rounded(usage / usage.sum(dim=1, keepdim=True)),
+    }
+    return figures | (specialisation_figures(per_domain) if specialisation else {})
+
+
+def routing_statistics(saved, stream: torch.Tensor) -> list:
+    """moemerge's calibration statistics (expert counts under the model's own routing rule, selection bias
+    included, and each expert's mean output over all tokens) of every MoE layer on the windows of ``stream``."""
+    views = family_for(saved.config.to_dict()).moe_layers(saved)
+    stats = collect_statistics(saved, views, windows(stream, SEQ_LEN), progress=False)
+    return [stats[view.layer] for view in views]
+
+
+def specialisation_figures(per_domain: dict[str, list]) -> dict:
+    """How far the experts are from identical copies and from noise.
+
+    - ``expert_output_cosine``: per MoE layer, the mean over expert pairs of the cosine between two experts' mean
+      outputs on all validation tokens (every expert applied to every token; 1 = identical experts);
+    - ``usage_entropy``: per domain and MoE layer, the entropy of that domain's expert usage divided by log n
+      (1 = every expert equally used; lower = the domain has experts of its own).
+    """
+    cosines = []
+    for layer in zip(*per_domain.values(), strict=True):
+        tokens = sum(st.num_tokens for st in layer)
+        mean = sum(st.mean_output.double() * st.num_tokens for st in layer) / tokens  # [n, H]
+        unit = torch.nn.functional.normalize(mean, dim=1)
+        n = len(unit)
+        cosines.append(((unit @ unit.T).sum() - n).item() / (n * (n - 1)))
+    entropy = {}
+    for domain, layers in per_domain.items():
+        shares = torch.stack([st.counts.double() / st.counts.sum() for st in layers])  # [layers, n]
+        h = -(shares * shares.clamp_min(1e-300).log()).sum(dim=1) / math.log(shares.shape[1])
+        entropy[domain] = rounded(h)
+    return {"expert_output_cosine": rounded(torch.tensor(cosines)), "usage_entropy": entropy}
+
+
+def rounded(values: torch.Tensor) -> list:
+    return [round(v, 4) for v in values.tolist()] if values.dim() == 1 else [rounded(row) for row in values]
 
 
 def model_card(name: str, card: dict) -> str:
     ppl, check = card["validation_perplexity"], card["check"]["validation_perplexity"]
+    cosine = card["expert_output_cosine"]
+    where = f"with {card['threads']} torch thread(s) on {card['cpu']}" if "threads" in card else "on 2 CPU cores"
+    entropy = "\n".join(
+        f"| usage entropy, {d} | {' | '.join(f'{v:.3f}' for v in row)} |" for d, row in card["usage_entropy"].items()
+    )
     usage = "\n".join(
         f"| {i} | {' '.join(f'{100 * v:.1f}' for v in row)} | {100 * max(row):.1f} |"
         for i, row in enumerate(card["expert_usage"])
@@ -275,7 +422,7 @@ library_name: transformers
 # {name}
 
 A small {card["architecture"]} trained by `scripts/train_benchmark_models.py {name}` (seed {card["seed"]},
-{card["training_minutes"]:.0f} min on 2 CPU cores) for moemerge's quality benchmark. {RECIPES[name]}
+{card["training_minutes"]:.0f} min {where}) for moemerge's quality benchmark. {RECIPES[name]}
 
 - Parameters: {card["parameters"]:,} ({card["expert_parameters"]:,} in routed experts), stored in bf16.
 - Data: the train splits of `scripts/benchmark_text.py` (Austen, KJV Bible, LAMBADA passages, BoolQ's
@@ -294,6 +441,17 @@ A small {card["architecture"]} trained by `scripts/train_benchmark_models.py {na
 | layer | experts 0..{len(card["expert_usage"][0]) - 1} | max |
 |---|---|---|
 {usage}
+
+## Specialisation
+
+How far these experts are from identical copies (an upcycled start) and from noise: the mean pairwise cosine of
+the experts' mean outputs over all validation tokens (1 = identical experts), and per domain the entropy of the
+expert usage divided by log n (1 = every expert used equally; lower = the domain has experts of its own).
+
+| MoE layer | {" | ".join(str(i) for i in range(len(cosine)))} |
+|---|{"---|" * len(cosine)}
+| mean pairwise cosine of mean outputs | {" | ".join(f"{v:.3f}" for v in cosine)} |
+{entropy}
 """
 
 
@@ -303,6 +461,14 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "moemerge" / "benchmark_text")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/models/MODEL")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=Path.home() / ".cache" / "moemerge" / "training",
+        help="folder for resumable training checkpoints (MODEL-seedS-dense.pt, MODEL-seedS-moe.pt); a run that "
+        "finds its checkpoints there goes on from them",
+    )
     ap.add_argument(
         "--card-only",
         action="store_true",
@@ -314,21 +480,26 @@ def main() -> None:
     if args.card_only:
         remeasure_card(args.model, out)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)  # DeepSeek-V3's backward is not reproducible without it
     torch.manual_seed(args.seed)
-    start = time.time()
 
-    tokenizer = build_tokenizer(args.cache)
+    tokenizer = shipped_tokenizer()
     streams = {d: token_stream(tokenizer, read_split(args.cache, d, "train")) for d in DOMAINS}
     print({d: len(s) for d, s in streams.items()}, flush=True)
     sampler = Sampler(streams, args.seed)
     vocab = dict(vocab_size=VOCAB, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     dense, moe, upcycle = build(args.model, vocab)
     dense_steps, moe_steps = STEPS[args.model]
+    stem = args.checkpoints / f"{args.model}-seed{args.seed}"
+    seconds = 0.0
     if dense is not None:
-        train(dense, sampler, dense_steps, 3e-3, "dense")
+        seconds += train(dense, sampler, dense_steps, 3e-3, "dense", stem.with_name(stem.name + "-dense.pt"))
         upcycle(dense, moe, torch.Generator().manual_seed(args.seed + 1))
-    train(moe, sampler, moe_steps, 2e-3 if dense is not None else 3e-3, "moe")
-    minutes = (time.time() - start) / 60
+    lr = 2e-3 if dense is not None else 3e-3
+    seconds += train(moe, sampler, moe_steps, lr, "moe", stem.with_name(stem.name + "-moe.pt"))
+    minutes = seconds / 60
 
     moe.config.output_router_logits = False
     moe.to(torch.bfloat16).save_pretrained(out)
@@ -339,6 +510,8 @@ def main() -> None:
     card = {
         "architecture": type(saved).__name__,
         "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
         "training_minutes": round(minutes, 1),
         "parameters": sum(p.numel() for p in saved.parameters()),
         "expert_parameters": experts,
@@ -352,6 +525,13 @@ def main() -> None:
     }
     write_card(args.model, out, card)
     print(json.dumps(card["validation_perplexity"]), f"{minutes:.1f} min", flush=True)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def write_card(name: str, out: Path, card: dict) -> None:
