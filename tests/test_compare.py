@@ -42,6 +42,7 @@ VARIANTS = {
     "hc-smoe:merge=fix-dom": {"merge": "fix-dom"},
     "hc-smoe:budget=frequency": {"budget": "frequency"},
     "o-prune:oprune_budget=20": {"method": "o-prune", "oprune_budget": 20},
+    "reap:refit=down": {"method": "reap", "refit": "down"},
 }
 GROUPED_VARIANTS = {"hc-smoe": {}, "m-smoe": {"method": "m-smoe"}}
 PPL_REL = 1e-6  # the float32 loss vs the float64 oracle loop differ by ~2e-7; grid rows differ by over 10x this

@@ -25,6 +25,7 @@ CHOICES = (
     + [{"metric": m} for m in names("metric")]
     + [{"merge": m} for m in names("merge")]
     + [{"router_rows": m} for m in names("router-rows")]
+    + [{"refit": m} for m in names("refit")]
 )
 
 
@@ -36,7 +37,8 @@ def run_choice(options: ReduceOptions, needs: frozenset[str]) -> None:
     sequences = [torch.arange(40) % 97, (torch.arange(40) * 7) % 101]
     stats = collect_statistics(model, family.moe_layers(model), sequences, needs, progress=False)
     groups = plan_groups(stats, family, model.config, 4, options)
-    apply_groups(copy.deepcopy(model), family, stats, groups, options.merge, options.router_rows, align=options.align)
+    o = options
+    apply_groups(copy.deepcopy(model), family, stats, groups, o.merge, o.router_rows, align=o.align, refit=o.refit)
 
 
 @pytest.mark.parametrize("settings", CHOICES, ids=lambda s: "=".join(*s.items()))
@@ -48,7 +50,7 @@ def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
     needs = statistics_needs([options])
     run_choice(options, needs)
     if settings in ({"method": "o-prune"}, {"metric": "router-logits"}, {"metric": "weight"}, {"merge": "fix-dom"},
-                    {"merge": "zipit"}, {"router_rows": "lse"}):  # fmt: skip
+                    {"merge": "zipit"}, {"router_rows": "lse"}, {"refit": "down"}):  # fmt: skip
         assert needs, settings
     for name in needs:
         with pytest.raises(ValueError):

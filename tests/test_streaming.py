@@ -55,6 +55,8 @@ CASES = [
     ("mixtral", {"cluster": "fcm"}),
     ("qwen2_moe", {"merge": "zipit", "align": True}),
     ("olmoe", {"method": "o-prune", "oprune_budget": 50}),
+    ("deepseek_v3", {"refit": "down", "router": "grouped"}),
+    ("qwen2_moe", {"method": "reap", "refit": "down"}),
 ]
 
 

@@ -9,7 +9,7 @@ In one run, so that the ratios compare numbers taken under the same load:
 1. **Statistics throughput.** One decoder layer of real shape (Qwen1.5-MoE-A2.7B: 60 experts of
    2048 -> 1408, top-4; Mixtral-8x7B: 8 experts of 4096 -> 14336, top-2), random weights stored in bfloat16
    (computed in the dtype :func:`moemerge.precision.compute_dtype` picks on this CPU, and in the other one for
-   comparison) and in float32. :meth:`moemerge.statistics.LayerAccumulator.sequence_sums` on ``TOKENS`` hidden
+   comparison) and in float32. :meth:`moemerge.statistics.LayerAccumulator.sequence_parts` on ``TOKENS`` hidden
    states (every expert on every token, plus REAP's down projection of the routed tokens), in GFLOP/s, against
    a dense matmul of the same chunk shape ([chunk, H] x [H, n 2I]) in the compute dtype and in float32.
 2. **Memory against depth.** ``moemerge reduce`` (the default command) of Qwen-shaped checkpoints with 4 and 16 layers
@@ -92,7 +92,7 @@ def statistics_throughput(shape: str, stored: torch.dtype, dtype: torch.dtype) -
     n, two_i, hidden = view.block.experts.gate_up_proj.shape
     x = torch.randn(TOKENS, hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
     accumulator = LayerAccumulator(view, TOKENS)
-    seconds = best_seconds(lambda: accumulator.sequence_sums(x))
+    seconds = best_seconds(lambda: accumulator.sequence_parts(x))
     k = view.routing.top_k
     flops = 2 * TOKENS * hidden * n * two_i + 2 * TOKENS * k * hidden * two_i // 2
     chunk = min(TOKENS, max(1, (128 << 20) // (n * two_i * 4)))

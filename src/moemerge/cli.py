@@ -178,6 +178,13 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
         help="how reduced router rows are built",
     )
     p.add_argument(
+        "--refit",
+        default=d["refit"],
+        choices=names("refit"),
+        help="down: after merging or pruning, refit each reduced expert's down projection in closed form (ridge "
+        "least squares) so the layer's output matches the original's on sampled calibration tokens",
+    )
+    p.add_argument(
         "--oprune-budget",
         type=int,
         default=d["oprune_budget"],

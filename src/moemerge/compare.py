@@ -66,6 +66,7 @@ VARIANT_KEYS = (
     "align",
     "budget",
     "router_rows",
+    "refit",
 )
 
 
@@ -282,7 +283,7 @@ class ReducedLayers:
         path = next(name for name, module in original.named_modules() if module is view.block)
         own = MoELayerView(index, layer.get_submodule(path), view.routing)
         o, groups = self.options, self.groups[index]
-        router = merge_layer(own, groups, self.stats[index], o.merge, o.router_rows, o.align)
+        router = merge_layer(own, groups, self.stats[index], o.merge, o.router_rows, o.align, o.refit, o.router)
         to_storage(layer, stored)
         if resolve("method", o.method).compresses:
             compress_experts([own], compression_rank(own, o.rank, o.sparsity, o.param_budget), o.sparsity)
@@ -304,7 +305,10 @@ def reduce_variant(model, family, config, stats: dict, options: ReduceOptions, r
     compute = model.dtype
     reduced = copy.deepcopy(model)
     groups = plan_groups(stats, family, config, r, options)
-    originals = apply_groups(reduced, family, stats, groups, options.merge, options.router_rows, align=options.align)
+    o = options
+    originals = apply_groups(
+        reduced, family, stats, groups, o.merge, o.router_rows, align=o.align, refit=o.refit, router=o.router
+    )
     layers = family.moe_layers(reduced)
     if stored_dtypes:
         to_storage(reduced, stored_dtypes)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 # importing these registers every method, cluster, metric, merge and router-rows rule
 import moemerge.merging
+import moemerge.merging.refit
 import moemerge.methods
 import moemerge.routing  # noqa: F401
 from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, OPRUNE_BUDGET
@@ -35,6 +36,7 @@ class ReduceOptions:
         clusters experts (a method's preset may fix some: :meth:`effective`).
     merge, align: how a group becomes one expert; rank, sparsity, param_budget: mc-smoe's compression.
     router, router_rows: the router mode and how reduced router rows are built.
+    refit: what is refit in closed form after merging (:mod:`moemerge.merging.refit`).
     oprune_budget: o-prune's subset budget; budget: experts per layer (uniform or by a global score).
     calib, calib_samples, calib_seq_len: calibration text and size; device, dtype: where and in what the model is
         loaded; seed: calibration sample, k-means and o-prune's random subsets.
@@ -55,6 +57,7 @@ class ReduceOptions:
     param_budget: float | None = None
     router: str = "reduce"
     router_rows: str = "lse"
+    refit: str = "none"
     oprune_budget: int = OPRUNE_BUDGET
     budget: str = "uniform"
     calib: str | None = None
@@ -113,6 +116,7 @@ class ReduceOptions:
             resolve(kind, name)
         resolve("merge", self.merge)
         resolve("router-rows", self.router_rows)
+        resolve("refit", self.refit)
         if "distance" not in resolve("method", self.method).preset:  # a preset's own grouping has no linkage
             check_linkage(self.linkage, self.distance)
         check_choice("k-means init", self.kmeans_init, KMEANS_INITS)
@@ -154,6 +158,7 @@ class ReduceOptions:
         """The optional calibration statistics (fields of :class:`moemerge.statistics.LayerStatistics`) that the
         method, its metric (unless it prunes), the merge and the router rows declared they read."""
         needed = needs("method", self.method) | needs("merge", self.merge) | needs("router-rows", self.router_rows)
+        needed |= needs("refit", self.refit)
         if not resolve("method", self.method).prunes:
             needed |= needs("metric", self._effective("metric"))
         return needed

@@ -195,8 +195,11 @@ def apply_groups(
     router_rows_rule: str = "frequency",
     progress: bool = False,
     align: bool = False,
+    refit: str = "none",
+    router: str = "reduce",
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router.
+    """Merge every MoE layer of ``model`` in place to its groups and give it an r-row router (``refit`` and
+    ``router``: see :func:`merge_layer`).
 
     ``router_rows_rule`` defaults to "frequency" here because "lse" (the default of :func:`reduce_in_memory`)
     needs the router_inputs statistic, as do the merges fix-dom and zipit.
@@ -209,7 +212,9 @@ def apply_groups(
     """
     originals = {}
     for view in tqdm(family.moe_layers(model), desc="merging", unit="layer", disable=not progress):
-        originals[view.layer] = merge_layer(view, groups[view.layer], stats[view.layer], merge, router_rows_rule, align)
+        originals[view.layer] = merge_layer(
+            view, groups[view.layer], stats[view.layer], merge, router_rows_rule, align, refit, router
+        )
     family.set_num_experts(model, max(len(g) for g in groups.values()))
     return originals
 
@@ -222,9 +227,13 @@ def merge_layer(
     merge: str = "frequency",
     router_rows_rule: str = "frequency",
     align: bool = False,
+    refit: str = "none",
+    router: str = "reduce",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Merge one MoE layer in place to ``groups`` and give it a router with a row per group (see
-    :func:`apply_groups`). Returns its original router: weight [n, H] and selection bias [n] or None."""
+    """Merge one MoE layer in place to ``groups``, give it a router with a row per group (see
+    :func:`apply_groups`), and ``refit`` its down projections for the ``router`` mode the output will route
+    with (:mod:`moemerge.merging.refit`). Returns its original router: weight [n, H] and selection bias [n] or
+    None."""
     rule = resolve("merge", merge)
     bias = view.selection_bias
     original = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
@@ -245,6 +254,7 @@ def merge_layer(
     weight, new_bias = build_router_rows(router_rows_rule, view.router_weight, bias, groups, stats)
     view.set_experts(*merged)
     view.set_router(weight, new_bias)
+    resolve("refit", refit)(view, weights, original, groups, router == "grouped", stats.router_inputs)
     return original
 
 
@@ -439,7 +449,9 @@ def write_reduced(
         original = architecture(str(run.model_arg), loaded, source.family, run.config)
     params_before = sum(p.numel() for p in loaded.parameters())
     with phase(f"merging ({o.merge})"):
-        originals = apply_groups(loaded, source.family, stats, groups, o.merge, o.router_rows, progress, o.align)
+        originals = apply_groups(
+            loaded, source.family, stats, groups, o.merge, o.router_rows, progress, o.align, o.refit, o.router
+        )
         to_storage(loaded, run.stored_dtypes)
 
     stored_params = compression = None

@@ -238,7 +238,7 @@ def reduce_prepared(
                             groups = planned[i]
                         else:
                             groups = plan_groups({i: stats}, family, config, count, o.replace(budget="uniform"))[i]
-                        router = merge_layer(view, groups, stats, o.merge, o.router_rows, o.align)
+                        router = merge_layer(view, groups, stats, o.merge, o.router_rows, o.align, o.refit, o.router)
                         to_storage(layer, stored)
                         router = stored_router(router, view)
                         factors, saved = {}, 0

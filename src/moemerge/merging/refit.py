@@ -1,0 +1,139 @@
+"""Closed-form refit of a reduced layer's down projections (``--refit down``), after any grouping or pruning.
+
+A reduction changes what a layer outputs: merged experts compute something none of their members did, and
+tokens whose experts were merged or dropped go elsewhere. This refit gives that error back to the only weights
+that can absorb it linearly. On the sampled calibration router inputs X [t, H] (``router_inputs``):
+
+- original routed output  y(x) = sum_{j in top-k(x)} g_j(x) D_j h_j(x)   (the n experts, the original router);
+- reduced routed output   y'(x) = sum_{c in top-k'(x)} g'_c(x) D'_c h'_c(x)   (the r reduced experts routed as the
+  output will be: the new r-row router for ``--router reduce``, the original one mapped to groups for
+  ``grouped``);
+
+with h the intermediate activations act(G x) * (U x) [I] and D the down projection [H, I]. One expert at a time,
+most used first (a Gauss-Seidel sweep), D'_c becomes the ridge least-squares solution of
+
+    min_D  sum_{x routed to c} || y(x) - y'_{-c}(x) - g'_c(x) D h'_c(x) ||^2  +  lam ||D - D'_c||_F^2
+
+where y'_{-c} is the other selected experts' current contribution: each refit expert corrects what the ones
+before it left. The solve is in float64, as the I x I primal system or the m x m dual (m tokens routed to c),
+whichever is smaller; lam = RIDGE x the mean diagonal of the Gram matrix, so the ridge is scale-free and an
+expert few tokens reach stays near its merged weights. Gate and up projections, routers and shared experts
+(which a reduction leaves alone, so they cancel) are untouched. Cost per layer: one pass of the n original and
+the r reduced experts over the t sampled tokens, plus r solves of size min(m, I).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moemerge.adapters.base import MoELayerView, RoutingRule, intermediate_activations
+from moemerge.registry import register
+from moemerge.routing.grouped import expert_map
+
+RIDGE = 1e-2
+
+
+@register("refit", "none")
+def no_refit(*_) -> None:
+    """Keep the merged down projections."""
+
+
+@register("refit", "down", needs=("router_inputs",))
+@torch.no_grad()
+def refit_down(
+    view: MoELayerView,
+    original: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    original_router: tuple[torch.Tensor, torch.Tensor | None],
+    groups: list[list[int]],
+    grouped: bool,
+    inputs: torch.Tensor | None,
+) -> None:
+    """Refit ``view``'s (already reduced: r experts, r-row router) down projections in place, as the module
+    docstring says.
+
+    original: the n original experts' (gate [n, I, H], up [n, I, H], down [n, H, I]); original_router: their
+    router's weight [n, H] and selection bias [n] or None; groups: the r groups of original expert ids;
+    grouped: the output routes with the original router mapped to groups (``--router grouped``), not with the
+    view's r-row router; inputs: the sampled router inputs [t, H].
+    """
+    if inputs is None:
+        raise ValueError("--refit down needs router inputs sampled during calibration (router_inputs)")
+    gate, up, down = view.expert_weights()
+    x = inputs.to(gate.dtype)
+    target = routed_output(view.routing, view.act_fn, original, original_router, x)  # [t, H] float64
+    if grouped:
+        weights = reduced_routing(view.routing, original_router, x, expert_map(groups, len(original[0])), len(groups))
+    else:
+        weights = reduced_routing(view.routing, (view.router_weight, view.selection_bias), x)
+
+    def features(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens routed to reduced expert c [m] and their routing-weighted activations [m, I] float64."""
+        rows = weights[:, c].nonzero().squeeze(1)
+        h = intermediate_activations(gate[c], up[c], view.act_fn, x[rows]).double()
+        return rows, weights[rows, c, None].double() * h
+
+    current = torch.zeros_like(target)  # the reduced layer's routed output, kept up to date
+    for c in range(view.num_experts):
+        rows, z = features(c)
+        current[rows] += z @ down[c].double().T
+    refit = down.double().clone()
+    for c in sorted(range(view.num_experts), key=lambda c: (-int((weights[:, c] > 0).sum()), c)):
+        rows, z = features(c)
+        if len(rows):
+            delta = ridge_solve(z, target[rows] - current[rows])  # [H, I]
+            refit[c] += delta
+            current[rows] += z @ delta.T
+    down.copy_(refit.to(down.dtype))
+
+
+def ridge_solve(z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """[H, I] float64 argmin_D ||residual - z D^T||^2 + lam ||D||^2 for z [m, I], residual [m, H] (float64),
+    lam = RIDGE x mean(diag(z^T z)); solved in whichever of the primal (I x I) and dual (m x m) forms is
+    smaller."""
+    m, width = z.shape
+    lam = RIDGE * z.square().sum() / width + 1e-12
+    if m < width:
+        system = z @ z.T + lam * torch.eye(m, dtype=z.dtype)
+        return (z.T @ torch.linalg.solve(system, residual)).T
+    system = z.T @ z + lam * torch.eye(width, dtype=z.dtype)
+    return torch.linalg.solve(system, z.T @ residual).T
+
+
+def routed_output(
+    routing: RoutingRule,
+    act_fn: torch.nn.Module,
+    experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    router: tuple[torch.Tensor, torch.Tensor | None],
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """[t, H] float64 sum over the top-k experts of routing weight x expert output, for hidden states ``x``
+    [t, H] under ``router`` (weight [n, H], selection bias or None) and ``experts`` (gate, up, down)."""
+    gate, up, down = experts
+    weight, bias = router
+    scores, ids = routing.route(x.float() @ weight.float().T, bias)
+    out = torch.zeros(len(x), down.shape[1], dtype=torch.float64)
+    for j in ids.unique().tolist():
+        rows, slot = (ids == j).nonzero(as_tuple=True)
+        h = intermediate_activations(gate[j], up[j], act_fn, x[rows]).double()
+        out.index_add_(0, rows, scores[rows, slot, None].double() * (h @ down[j].double().T))
+    return out
+
+
+def reduced_routing(
+    routing: RoutingRule,
+    router: tuple[torch.Tensor, torch.Tensor | None],
+    x: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+    num_experts: int | None = None,
+) -> torch.Tensor:
+    """[t, r] float32 routing weight of each reduced expert on hidden states ``x`` [t, H] (0 where not chosen).
+
+    ``router`` (weight, selection bias or None) routes over its rows; with ``expert_map`` [n] (grouped routing)
+    it is the original n-row router and each chosen expert's weight goes to its group, ``num_experts`` = r.
+    """
+    weight, bias = router
+    scores, ids = routing.route(x.float() @ weight.float().T, bias)
+    if expert_map is not None:
+        ids = expert_map[ids]
+    out = torch.zeros(len(x), num_experts or len(weight), dtype=torch.float32)
+    return out.scatter_add_(1, ids, scores)
