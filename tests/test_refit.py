@@ -53,20 +53,41 @@ def routed(block, x: torch.Tensor, r: int) -> torch.Tensor:
     return torch.zeros(len(x), r, dtype=torch.float64).scatter_add_(1, ids, weights.double())
 
 
+def ridge_oracle(z: torch.Tensor, residual: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """[H, I] the ridge solution toward ``start`` by lstsq on the stacked system, with the ridge of the grid (times
+    the mean eigenvalue of the smaller Gram matrix, trace / min(m, I)) whose hat matrix, built explicitly, has the least GCV score ||(1 - H) R||^2 / (m - tr H)^2 (ties to the largest)."""
+    m, width = z.shape
+    scale = z.square().sum() / min(m, width)
+    target = residual - z @ start.T
+    best, chosen = float("inf"), None
+    for factor in reversed(refit.RIDGE_GRID):
+        lam = factor * scale
+        gram = z @ z.T  # H = z (z^T z + lam)^-1 z^T = K (K + lam)^-1, K = z z^T: well conditioned for m < I too
+        hat = torch.linalg.solve(gram + lam * torch.eye(m, dtype=z.dtype), gram).T
+        score = ((target - hat @ target).square().sum() / (m - hat.trace()) ** 2).item()
+        if score < best * (1 - 1e-9):
+            best, chosen = score, lam
+    root = chosen**0.5
+    eye = torch.eye(width, dtype=torch.float64)
+    return torch.linalg.lstsq(torch.cat([z, root * eye]), torch.cat([residual, root * start.T])).solution.T
+
+
 @pytest.mark.parametrize("router", ["reduce", "grouped"])
 @pytest.mark.parametrize("length", [12, 80], ids=["dual", "primal"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_last_refit_expert_solves_its_ridge_problem_against_the_blocks_own_outputs(family, length, router):
-    """The expert refit last (the least used of those any token reaches) holds the ridge least-squares solution, by lstsq, of matching the
-    original block's output on its tokens, given the other reduced experts as they end (their contribution taken
-    from the reduced block's forward with this expert's down projection zeroed), regularised toward its merged
-    weights; and the refit lowers the squared error of the layer output on the sampled tokens. ``length`` 12
-    leaves each expert fewer tokens than its width (the dual solve), 80 more (the primal)."""
+def test_every_expert_solves_its_ridge_problem_against_the_blocks_own_outputs(family, length, router):
+    """Each reduced expert, in the sweep's order (most used first), holds the ridge least-squares solution, by
+    lstsq with the GCV-chosen ridge recomputed from explicit hat matrices, of matching the original block's output
+    on its tokens, given the others as they stood when its turn came (those before it refit, those after it
+    merged; their contribution taken from the block's own forward with this expert's down projection zeroed),
+    regularised toward its merged weights; and the refit lowers the squared error of the layer output on the
+    sampled tokens. ``length`` 12 leaves some expert fewer tokens than its width (the dual solve), 80 more (the
+    primal)."""
     model, adapter, stats = calibrated(family, length)
     groups = plan_groups(stats, adapter, model.config, R, router=router)
     merged = reduced(model, adapter, stats, groups, router, "none")
     fitted = reduced(model, adapter, stats, groups, router, "down")
-    widths = set()
+    solves = set()
     for before, after, view in zip(
         adapter.moe_layers(model), adapter.moe_layers(fitted), adapter.moe_layers(merged), strict=True
     ):
@@ -74,27 +95,48 @@ def test_last_refit_expert_solves_its_ridge_problem_against_the_blocks_own_outpu
         target = block_output(before.block, x)
         weights = routed(after.block, x, R)
         used = (weights > 0).sum(dim=0)
-        last = max((c for c in range(R) if used[c]), key=lambda c: (-int(used[c]), c))  # unused ones stay
-        rows = weights[:, last].nonzero().squeeze(1)
-        widths.add(len(rows) < after.block.experts.down_proj.shape[2])
-        without = copy.deepcopy(after.block)
+        order = sorted(range(R), key=lambda c: (-int(used[c]), c))
+        state = copy.deepcopy(after.block)  # experts refit so far, the rest merged
         with torch.no_grad():
-            without.experts.down_proj[last] = 0
-        residual = (target - block_output(without, x))[rows]  # [m, H]
+            state.experts.down_proj.copy_(view.block.experts.down_proj)
         gate, up, _ = after.expert_weights()
-        h = after.act_fn(x[rows] @ gate[last].T) * (x[rows] @ up[last].T)
-        z = weights[rows, last, None] * h.double()  # [m, I]
-        start = view.block.experts.down_proj[last].double()  # its merged weights
-        root = (refit.RIDGE * z.square().sum() / z.shape[1]).sqrt()
-        eye = torch.eye(z.shape[1], dtype=torch.float64)
-        solution = torch.linalg.lstsq(torch.cat([z, root * eye]), torch.cat([residual, root * start.T])).solution
-        got = after.block.experts.down_proj[last].double()
-        assert torch.allclose(got, solution.T, rtol=1e-4, atol=1e-5), (family, view.layer)
+        for c in order:
+            start = view.block.experts.down_proj[c].double()
+            got = after.block.experts.down_proj[c].double()
+            rows = weights[:, c].nonzero().squeeze(1)
+            if not len(rows):
+                assert torch.equal(got, start)
+                continue
+            solves.add("dual" if len(rows) < start.shape[1] else "primal")
+            with torch.no_grad():
+                state.experts.down_proj[c] = 0
+            residual = (target - block_output(state, x))[rows]  # [m, H]
+            h = after.act_fn(x[rows] @ gate[c].T) * (x[rows] @ up[c].T)
+            z = weights[rows, c, None] * h.double()  # [m, I]
+            assert torch.allclose(got, ridge_oracle(z, residual, start), rtol=1e-4, atol=1e-5), (family, c)
+            with torch.no_grad():
+                state.experts.down_proj[c] = after.block.experts.down_proj[c]
 
         error_merged = (target - block_output(view.block, x)).square().sum()
         error_fitted = (target - block_output(after.block, x)).square().sum()
         assert error_fitted < error_merged, (family, view.layer, error_fitted, error_merged)
-    assert widths == {length == 12}
+    assert "dual" in solves if length == 12 else solves == {"primal"}
+
+
+def test_one_token_or_pure_noise_leaves_the_merged_weights_nearly_alone():
+    """GCV, not a fixed ridge: a residual the data cannot tell from noise is not fitted. With one token, every
+    ridge scores the same and the largest wins; with 50 tokens of pure noise and 200 neurons (m < I, where any
+    small ridge interpolates), the update absorbs under 5 % of the residual's energy, while a residual that is a linear
+    function of the activations is absorbed almost whole."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 200, generator=gen, dtype=torch.float64)
+    residual = torch.randn(1, 16, generator=gen, dtype=torch.float64)
+    assert (z @ refit.ridge_solve(z, residual).T).norm() < 2 / refit.RIDGE_GRID[-1] * residual.norm()
+    z = torch.randn(50, 200, generator=gen, dtype=torch.float64)
+    noise = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    assert (z @ refit.ridge_solve(z, noise).T).square().sum() < 0.05 * noise.square().sum()
+    signal = z @ torch.randn(200, 16, generator=gen, dtype=torch.float64)
+    assert (signal - z @ refit.ridge_solve(z, signal).T).norm() < 0.05 * signal.norm()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,7 +12,7 @@ from pathlib import Path
 from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, EVAL_MAX_TOKENS, EVAL_SEQ_LEN
 from moemerge.errors import MoemergeError
 from moemerge.grouping import BUDGETS, DISTANCES, KMEANS_INITS, LINKAGES, METRICS
-from moemerge.options import ROUTER_MODES, ReduceOptions  # importing the options registers every method
+from moemerge.options import ROUTER_MODES, VARIANT_KEYS, ReduceOptions  # importing the options registers every method
 from moemerge.progress import show_phases
 from moemerge.registry import names
 from moemerge.signals import signal_of, signals_as_exceptions
@@ -114,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="METHOD",
-        help="methods, each NAME or NAME:KEY=VALUE,... (keys: metric, distance, cluster, linkage, kmeans_init, "
-        "oprune_budget, merge, align, budget, router_rows)",
+        help=f"methods, each NAME or NAME:KEY=VALUE,... (keys: {', '.join(VARIANT_KEYS)})",
     )
     c.add_argument("--experts", type=int, nargs="+", required=True, metavar="R", help="experts per layer to try")
     c.add_argument("--out", required=True, help="output directory (created; never overwritten without --force)")

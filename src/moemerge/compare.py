@@ -33,7 +33,7 @@ from moemerge.evaluation.evaluate import (
     measure,
     whole_model_reason,
 )
-from moemerge.options import ReduceOptions
+from moemerge.options import VARIANT_KEYS, ReduceOptions
 from moemerge.output_files import atomic_output, check_output
 from moemerge.pipeline import (
     apply_groups,
@@ -53,21 +53,6 @@ from moemerge.routing.grouped import install_grouped_routers
 from moemerge.statistics import collect_statistics
 from moemerge.streaming.calibrate import LayerStream, layer_statistics
 from moemerge.streaming.measure import Candidate, measure_layer_by_layer
-
-# the reduce options a --methods variant may set
-VARIANT_KEYS = (
-    "metric",
-    "distance",
-    "cluster",
-    "linkage",
-    "kmeans_init",
-    "oprune_budget",
-    "merge",
-    "align",
-    "budget",
-    "router_rows",
-    "refit",
-)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,21 @@ from moemerge.registry import check_choice, needs, resolve
 
 ROUTER_MODES = ("reduce", "grouped")
 
+# the reduce options a compare --methods variant may set
+VARIANT_KEYS = (
+    "metric",
+    "distance",
+    "cluster",
+    "linkage",
+    "kmeans_init",
+    "oprune_budget",
+    "merge",
+    "align",
+    "budget",
+    "router_rows",
+    "refit",
+)
+
 
 @dataclass(frozen=True)
 class ReduceOptions:

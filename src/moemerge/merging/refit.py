@@ -15,9 +15,11 @@ most used first (a Gauss-Seidel sweep), D'_c becomes the ridge least-squares sol
     min_D  sum_{x routed to c} || y(x) - y'_{-c}(x) - g'_c(x) D h'_c(x) ||^2  +  lam ||D - D'_c||_F^2
 
 where y'_{-c} is the other selected experts' current contribution: each refit expert corrects what the ones
-before it left. The solve is in float64, as the I x I primal system or the m x m dual (m tokens routed to c),
-whichever is smaller; lam = RIDGE x the mean diagonal of the Gram matrix, so the ridge is scale-free and an
-expert few tokens reach stays near its merged weights. Gate and up projections, routers and shared experts
+before it left. The solve is in float64, through the I x I primal Gram matrix or the m x m dual (m tokens
+routed to c), whichever is smaller. The ridge lam is chosen per expert by generalised cross-validation over
+``RIDGE_GRID`` x the Gram matrix's mean eigenvalue: a fixed ridge would let an expert that fewer tokens reach
+than it has neurons (m < I, the usual case on large models with 8192 sampled tokens) interpolate its residual,
+noise included, and GCV instead shrinks such a fit toward the merged weights as far as the data asks. Gate and up projections, routers and shared experts
 (which a reduction leaves alone, so they cancel) are untouched. Cost per layer: one pass of the n original and
 the r reduced experts over the t sampled tokens, plus r solves of size min(m, I).
 """
@@ -30,7 +32,7 @@ from moemerge.adapters.base import MoELayerView, RoutingRule, intermediate_activ
 from moemerge.registry import register
 from moemerge.routing.grouped import expert_map
 
-RIDGE = 1e-2
+RIDGE_GRID = tuple(10.0**e for e in range(-4, 4))  # candidate ridges, times the Gram matrix's mean eigenvalue
 
 
 @register("refit", "none")
@@ -87,16 +89,45 @@ def refit_down(
 
 
 def ridge_solve(z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """[H, I] float64 argmin_D ||residual - z D^T||^2 + lam ||D||^2 for z [m, I], residual [m, H] (float64),
-    lam = RIDGE x mean(diag(z^T z)); solved in whichever of the primal (I x I) and dual (m x m) forms is
-    smaller."""
+    """[H, I] float64 argmin_D ||residual - z D^T||^2 + lam ||D||^2 for z [m, I], residual [m, H] (float64), with
+    lam chosen by generalised cross-validation (:func:`gcv_choice`).
+
+    One eigendecomposition of the smaller Gram matrix (the dual z z^T [m, m] when m < I, else the primal z^T z
+    [I, I]) gives the solution and the criterion for every lam at once.
+    """
     m, width = z.shape
-    lam = RIDGE * z.square().sum() / width + 1e-12
     if m < width:
-        system = z @ z.T + lam * torch.eye(m, dtype=z.dtype)
-        return (z.T @ torch.linalg.solve(system, residual)).T
-    system = z.T @ z + lam * torch.eye(width, dtype=z.dtype)
-    return torch.linalg.solve(system, z.T @ residual).T
+        s, u = torch.linalg.eigh(z @ z.T)
+        s = s.clamp_min(0)
+        proj = u.T @ residual  # [m, H]: the residual in the eigenbasis of the dual Gram matrix
+        lam = gcv_choice(s, proj.square().sum(dim=1), 0.0, m)
+        return (z.T @ (u @ (proj / (s + lam)[:, None]))).T
+    s, v = torch.linalg.eigh(z.T @ z)
+    s = s.clamp_min(0)
+    b = v.T @ (z.T @ residual)  # [I, H] = sqrt(s) x (the residual in the left singular basis of z)
+    inside = torch.where(s > 0, b.square().sum(dim=1) / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    outside = (residual.square().sum() - inside.sum()).clamp_min(0)
+    lam = gcv_choice(s, inside, outside, m)
+    return (v @ (b / (s + lam)[:, None])).T
+
+
+def gcv_choice(s: torch.Tensor, power: torch.Tensor, outside: torch.Tensor | float, m: int) -> float:
+    """The ridge lam of ``RIDGE_GRID`` x mean(s) with the least generalised cross-validation score
+    GCV(lam) = ||(1 - H) R||^2 / (m - tr H)^2, H = z (z^T z + lam)^-1 z^T the ridge's hat matrix.
+
+    s: the Gram matrix's eigenvalues; power: the squared norm of the residual R along each of their
+    directions (in the column space of z); outside: R's squared norm outside that space. Ties go to the largest
+    lam, so an expert whose residual the data cannot tell from noise (one token, say) keeps its merged weights.
+    """
+    scale = s.mean().item()
+    best, choice = float("inf"), 0.0
+    for factor in reversed(RIDGE_GRID):
+        lam = factor * scale + 1e-300
+        shrink = lam / (s + lam)
+        score = ((shrink.square() * power).sum() + outside) / (m - (1 - shrink).sum()) ** 2
+        if score < best * (1 - 1e-9):
+            best, choice = score.item(), lam
+    return choice
 
 
 def routed_output(
@@ -111,7 +142,7 @@ def routed_output(
     gate, up, down = experts
     weight, bias = router
     scores, ids = routing.route(x.float() @ weight.float().T, bias)
-    out = torch.zeros(len(x), down.shape[1], dtype=torch.float64)
+    out = torch.zeros(len(x), down.shape[1], dtype=torch.float64, device=x.device)
     for j in ids.unique().tolist():
         rows, slot = (ids == j).nonzero(as_tuple=True)
         h = intermediate_activations(gate[j], up[j], act_fn, x[rows]).double()
@@ -135,5 +166,5 @@ def reduced_routing(
     scores, ids = routing.route(x.float() @ weight.float().T, bias)
     if expert_map is not None:
         ids = expert_map[ids]
-    out = torch.zeros(len(x), num_experts or len(weight), dtype=torch.float32)
+    out = torch.zeros(len(x), num_experts or len(weight), dtype=torch.float32, device=x.device)
     return out.scatter_add_(1, ids, scores)

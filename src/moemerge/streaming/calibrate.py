@@ -167,14 +167,14 @@ def layer_statistics(
 
 
 def statistics_layer_by_layer(run, progress: bool = True) -> dict[int, LayerStatistics]:
-    """The statistics of every MoE layer that grouping needs (not merging: no router samples for it) for a run
+    """The statistics of every MoE layer that grouping needs (not merging or refitting: no router samples for them) for a run
     prepared by :func:`moemerge.pipeline.prepare` with ``load=False``, one decoder layer in memory at a time."""
     o = run.options
     stream = LayerStream(run.source, run.config, o.dtype, o.device)
     views = {view.layer: view for view in run.source.family.moe_layers(stream.skeleton)}
     if not views:
         raise MoemergeError(f"{run.source.path} has no MoE layers (every layer is dense): nothing to reduce")
-    needs = statistics_needs([o.replace(merge="frequency", router_rows="frequency")])
+    needs = statistics_needs([o.replace(merge="frequency", router_rows="frequency", refit="none")])
     tokens = run.calibration.num_tokens
     with phase(f"statistics of {len(views)} MoE layers on {tokens:,} calibration tokens, one decoder layer at a time"):
         return layer_statistics(stream, views, [run.calibration.sequences], needs, progress)[0]
