@@ -28,8 +28,6 @@ the r reduced experts over the t sampled tokens, plus r solves of size min(m, I)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from moemerge.adapters.base import MoELayerView, RoutingRule, intermediate_activations
@@ -100,41 +98,43 @@ def ridge_solve(z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 
     The folds are the first and second half of the tokens in calibration order, so that they come mostly from
     different sequences (neighbouring tokens are alike, and a split between them would reward interpolation).
+    A fold's held-out error for every lam comes from k x k products (k = the fold's basis size, :func:`basis`):
+    with P = z_held L and w = 1 / (s + lam), ||R_held - P diag(w) q||^2 = ||R_held||^2 - 2 w . c + w^T G w,
+    c = rowsum((P^T R_held) * q), G = (P^T P) * (q q^T).
     """
-    m = len(z)
+    m, width = z.shape
     if m < MIN_TOKENS:
-        return torch.zeros(residual.shape[1], z.shape[1], dtype=z.dtype, device=z.device)
+        return torch.zeros(residual.shape[1], width, dtype=z.dtype, device=z.device)
     half = m // 2
     errors = torch.zeros(len(RIDGE_GRID) + 1, dtype=torch.float64)  # the last: no update
     for fit, held in ((slice(0, half), slice(half, m)), (slice(half, m), slice(0, half))):
-        for i, delta in enumerate(ridge_path(z[fit], residual[fit], RIDGE_GRID)):
-            errors[i] += (residual[held] - z[held] @ delta.T).square().sum().item()
-        errors[-1] += residual[held].square().sum().item()
+        s, left, q = basis(z[fit], residual[fit])
+        p = z[held] @ left
+        c = ((p.T @ residual[held]) * q).sum(dim=1)
+        g = (p.T @ p) * (q @ q.T)
+        total = residual[held].square().sum()
+        for i, factor in enumerate(RIDGE_GRID):
+            w = 1 / (s + factor * s.mean() + 1e-300)
+            errors[i] += (total - 2 * (w @ c) + w @ g @ w).item()
+        errors[-1] += total.item()
     best = min(range(len(errors)), key=lambda i: (errors[i], -i))  # ties to the larger ridge, then to no update
     if best == len(RIDGE_GRID):
-        return torch.zeros(residual.shape[1], z.shape[1], dtype=z.dtype, device=z.device)
-    return next(ridge_path(z, residual, RIDGE_GRID[best : best + 1]))
+        return torch.zeros(residual.shape[1], width, dtype=z.dtype, device=z.device)
+    s, left, q = basis(z, residual)
+    return (left @ (q / (s + RIDGE_GRID[best] * s.mean() + 1e-300)[:, None])).T
 
 
-def ridge_path(z: torch.Tensor, residual: torch.Tensor, factors) -> Iterator[torch.Tensor]:
-    """[H, I] ridge solutions argmin_D ||residual - z D^T||^2 + lam ||D||^2 for each lam = factor x the mean
-    eigenvalue of the smaller Gram matrix, from one eigendecomposition of it (the dual z z^T [m, m] when m < I,
-    else the primal z^T z [I, I])."""
+def basis(z: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s [k], L [I, k], q [k, H]) such that the ridge solution of ||residual - z D^T||^2 + lam ||D||^2 is
+    D^T = L diag(1 / (s + lam)) q for every lam, from one eigendecomposition of the smaller Gram matrix: the dual
+    z z^T = U diag(s) U^T (k = m; L = z^T U, q = U^T residual) when m < I, else the primal z^T z = V diag(s) V^T
+    (k = I; L = V, q = V^T z^T residual). s is the Gram matrix's eigenvalues, so s.mean() scales the ridge."""
     m, width = z.shape
     if m < width:
         s, u = torch.linalg.eigh(z @ z.T)
-        s = s.clamp_min(0)
-        proj = u.T @ residual  # [m, H]
-        for factor in factors:
-            lam = factor * s.mean() + 1e-300
-            yield (z.T @ (u @ (proj / (s + lam)[:, None]))).T
-    else:
-        s, v = torch.linalg.eigh(z.T @ z)
-        s = s.clamp_min(0)
-        b = v.T @ (z.T @ residual)  # [I, H]
-        for factor in factors:
-            lam = factor * s.mean() + 1e-300
-            yield (v @ (b / (s + lam)[:, None])).T
+        return s.clamp_min(0), z.T @ u, u.T @ residual
+    s, v = torch.linalg.eigh(z.T @ z)
+    return s.clamp_min(0), v, v.T @ (z.T @ residual)
 
 
 def routed_output(
