@@ -21,9 +21,10 @@ routed to c), whichever is smaller. The ridge lam is chosen per expert by two-fo
 expert that fewer tokens reach than it has neurons (m < I, the usual case on large models with 8192 sampled
 tokens) interpolate its residual, noise included; generalised cross-validation, which assumes independent
 tokens, picked too small a ridge on the benchmark models (neighbouring tokens are alike), so the folds are
-the first and second half of the expert's tokens in calibration order. Gate and up projections, routers and shared experts
-(which a reduction leaves alone, so they cancel) are untouched. Cost per layer: one pass of the n original and
-the r reduced experts over the t sampled tokens, plus r solves of size min(m, I).
+the first and second half of the expert's tokens in calibration order. Gate and up projections, routers and
+shared experts (which a reduction leaves alone, so they cancel) are untouched. Cost per layer: one pass of the n
+original and the r reduced experts over the t sampled tokens, plus per reduced expert three eigendecompositions
+(the two folds' and the whole sample's Gram matrices, each of size at most min(m, I)).
 """
 
 from __future__ import annotations
