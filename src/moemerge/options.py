@@ -14,7 +14,7 @@ import functools
 import typing
 from dataclasses import dataclass, fields
 
-# importing these registers every method, cluster, metric, merge and router-rows rule
+# importing these registers every method, cluster, metric, merge, router-rows rule and refit
 import moemerge.merging
 import moemerge.merging.refit
 import moemerge.methods
@@ -171,7 +171,7 @@ class ReduceOptions:
 
     def statistics(self) -> frozenset[str]:
         """The optional calibration statistics (fields of :class:`moemerge.statistics.LayerStatistics`) that the
-        method, its metric (unless it prunes), the merge and the router rows declared they read."""
+        method, its metric (unless it prunes), the merge, the router rows and the refit declared they read."""
         needed = needs("method", self.method) | needs("merge", self.merge) | needs("router-rows", self.router_rows)
         needed |= needs("refit", self.refit)
         if not resolve("method", self.method).prunes:
