@@ -356,7 +356,7 @@ def card_figures(saved, streams: dict[str, torch.Tensor]) -> dict:
 
 def measured(saved, streams: dict[str, torch.Tensor], specialisation: bool = False) -> dict:
     """Perplexity per domain and expert usage per layer over every domain's windows; with ``specialisation``
-    also :func:`specialisation` figures."""
+    also the :func:`specialisation_figures`."""
     per_domain = {d: routing_statistics(saved, s) for d, s in streams.items()}
     counts = torch.stack([torch.stack([st.counts for st in layers]) for layers in per_domain.values()])
     usage = counts.sum(dim=0).double()  # [layers, experts]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=speed.REPO / "benchmarks" / "results" / "speed")
     args = parser.parse_args()
-    machine = f"{speed.cpu_model()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    machine = speed.machine()
     rows = [refit_cost(shape) for shape in ("qwen1.5-moe-a2.7b", "mixtral-8x7b")]
     lines = [
         "# Cost of `--refit down` per layer",

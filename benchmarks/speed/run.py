@@ -75,6 +75,11 @@ def one_layer(shape: str, dtype: torch.dtype):
     return family_for(config.to_dict()).moe_layers(model)[0]
 
 
+def machine() -> str:
+    """The line each speed result names its machine by: CPU (see :func:`cpu_model`), cores and torch."""
+    return f"{cpu_model()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
 def cpu_model() -> str:
     """The CPU's model name and whether it multiplies bfloat16 natively."""
     names = [
@@ -289,7 +294,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": f"{cpu_model()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": machine(),
         "throughput": [
             statistics_throughput(shape, stored, dtype)
             for shape in ("qwen1.5-moe-a2.7b", "mixtral-8x7b")

@@ -66,11 +66,13 @@ def refit_down(
         raise ValueError("--refit down needs router inputs sampled during calibration (router_inputs)")
     gate, up, down = view.expert_weights()
     x = inputs.to(gate.dtype)
-    target = routed_output(view.routing, view.act_fn, original, original_router, x)  # [t, H] float64
+    n = len(original[0])
+    target = weighted_outputs(view.act_fn, original, routing_weights(view.routing, original_router, x, n), x)
     if grouped:
-        weights = reduced_routing(view.routing, original_router, x, expert_map(groups, len(original[0])), len(groups))
+        weights = routing_weights(view.routing, original_router, x, len(groups), expert_map(groups, n))
     else:
-        weights = reduced_routing(view.routing, (view.router_weight, view.selection_bias), x)
+        weights = routing_weights(view.routing, (view.router_weight, view.selection_bias), x, view.num_experts)
+    current = weighted_outputs(view.act_fn, (gate, up, down), weights, x)  # kept up to date below
 
     def features(c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens routed to reduced expert c [m] and their routing-weighted activations [m, I] float64."""
@@ -78,10 +80,6 @@ def refit_down(
         h = intermediate_activations(gate[c], up[c], view.act_fn, x[rows]).double()
         return rows, weights[rows, c, None].double() * h
 
-    current = torch.zeros_like(target)  # the reduced layer's routed output, kept up to date
-    for c in range(view.num_experts):
-        rows, z = features(c)
-        current[rows] += z @ down[c].double().T
     refit = down.double().clone()
     for c in sorted(range(view.num_experts), key=lambda c: (-int((weights[:, c] > 0).sum()), c)):
         rows, z = features(c)
@@ -138,41 +136,40 @@ def basis(z: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.
     return s.clamp_min(0), v, v.T @ (z.T @ residual)
 
 
-def routed_output(
-    routing: RoutingRule,
+def weighted_outputs(
     act_fn: torch.nn.Module,
     experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    router: tuple[torch.Tensor, torch.Tensor | None],
+    weights: torch.Tensor,
     x: torch.Tensor,
 ) -> torch.Tensor:
-    """[t, H] float64 sum over the top-k experts of routing weight x expert output, for hidden states ``x``
-    [t, H] under ``router`` (weight [n, H], selection bias or None) and ``experts`` (gate, up, down)."""
+    """[t, H] float64 sum over experts j of weights[:, j] x E_j(x) for hidden states ``x`` [t, H], routing
+    ``weights`` [t, e] from :func:`routing_weights` and ``experts`` (gate, up [e, I, H], down [e, H, I]); each
+    expert runs on the tokens routed to it only."""
     gate, up, down = experts
-    weight, bias = router
-    scores, ids = routing.route(x.float() @ weight.float().T, bias)
     out = torch.zeros(len(x), down.shape[1], dtype=torch.float64, device=x.device)
-    for j in ids.unique().tolist():
-        rows, slot = (ids == j).nonzero(as_tuple=True)
-        h = intermediate_activations(gate[j], up[j], act_fn, x[rows]).double()
-        out.index_add_(0, rows, scores[rows, slot, None].double() * (h @ down[j].double().T))
+    for j in range(len(gate)):
+        rows = weights[:, j].nonzero().squeeze(1)
+        if len(rows):
+            h = intermediate_activations(gate[j], up[j], act_fn, x[rows]).double()
+            out[rows] += weights[rows, j, None].double() * (h @ down[j].double().T)
     return out
 
 
-def reduced_routing(
+def routing_weights(
     routing: RoutingRule,
     router: tuple[torch.Tensor, torch.Tensor | None],
     x: torch.Tensor,
+    num_experts: int,
     expert_map: torch.Tensor | None = None,
-    num_experts: int | None = None,
 ) -> torch.Tensor:
-    """[t, r] float32 routing weight of each reduced expert on hidden states ``x`` [t, H] (0 where not chosen).
+    """[t, num_experts] float32 routing weight of each expert on hidden states ``x`` [t, H] (0 where not chosen).
 
     ``router`` (weight, selection bias or None) routes over its rows; with ``expert_map`` [n] (grouped routing)
-    it is the original n-row router and each chosen expert's weight goes to its group, ``num_experts`` = r.
+    each chosen expert's weight goes to its group, of ``num_experts`` = r.
     """
     weight, bias = router
     scores, ids = routing.route(x.float() @ weight.float().T, bias)
     if expert_map is not None:
         ids = expert_map[ids]
-    out = torch.zeros(len(x), num_experts or len(weight), dtype=torch.float32, device=x.device)
+    out = torch.zeros(len(x), num_experts, dtype=torch.float32, device=x.device)
     return out.scatter_add_(1, ids, scores)
