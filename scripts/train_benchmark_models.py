@@ -193,7 +193,10 @@ def train(model, sampler: Sampler, steps: int, lr: float, label: str, checkpoint
         if balancer is not None:
             balancer.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"{label} step {step} loss {out.loss.item():.3f} total {loss.item():.3f} {time.time() - start:.0f}s")
+            print(
+                f"{label} step {step} loss {out.loss.item():.3f} total {loss.item():.3f} {time.time() - start:.0f}s",
+                flush=True,
+            )
         if (step + 1) % CHECKPOINT_EVERY == 0 or step == steps - 1:
             state = dict(model=model.state_dict(), optimizer=opt.state_dict(), schedule=sched.state_dict())
             state |= dict(sampler=sampler.gen.get_state(), step=step + 1, seconds=time.time() - start)

@@ -38,7 +38,7 @@ def run_choice(options: ReduceOptions, needs: frozenset[str]) -> None:
     stats = collect_statistics(model, family.moe_layers(model), sequences, needs, progress=False)
     groups = plan_groups(stats, family, model.config, 4, options)
     o = options
-    apply_groups(copy.deepcopy(model), family, stats, groups, o.merge, o.router_rows, align=o.align, refit=o.refit)
+    apply_groups(copy.deepcopy(model), family, stats, groups, *o.merging, align=o.align, refit=o.refit)
 
 
 @pytest.mark.parametrize("settings", CHOICES, ids=lambda s: "=".join(*s.items()))
@@ -69,6 +69,7 @@ def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
         ({"router": "both"}, "unknown router mode 'both'"),
         ({"budget": "global"}, "unknown budget 'global'"),
         ({"oprune_budget": 0}, "--oprune-budget 0 must be at least 1"),
+        ({"ream_group_size": 0}, "--ream-group-size 0 must be at least 1"),
         ({"method": "f-prune", "router": "grouped"}, "keeps whole experts"),
         ({"cluster": "fcm", "router": "grouped"}, "--cluster fcm"),
         ({"cluster": "fcm", "align": True}, "drop --align"),

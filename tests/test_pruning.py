@@ -1,4 +1,4 @@
-"""Pruning methods (F-prune, S-prune, REAP, O-prune) against oracles: each family's own router and MoE block forward.
+"""Pruning methods (F-prune, S-prune, REAP, MAN, MSAN, O-prune) against oracles: each family's own router and MoE block forward.
 
 The oracles here never read a method's answer back: routing comes from the model's own ``block.gate``, O-prune's
 objective from the model's own MoE block forward on a copy with the experts sliced away (or, for DeepSeek's
@@ -34,14 +34,27 @@ from moemerge.registry import names, resolve
 from moemerge.statistics import collect_statistics
 
 OUTPUTS = {"expert_outputs", "router_logits"}  # o-prune's statistics
-PRUNING_METHODS = ("f-prune", "s-prune", "reap", "o-prune")  # the methods that keep whole experts (their papers)
+PRUNING_METHODS = (
+    "f-prune",
+    "s-prune",
+    "reap",
+    "man",
+    "msan",
+    "o-prune",
+)  # the methods that keep whole experts (their papers)
 
 N, R = 8, 4
 SAMPLES, SEQ_LEN = 2, 32
 T = SAMPLES * SEQ_LEN
 SOFTMAX = [f for f in FAMILIES if f != "deepseek_v3"]
 BLOCKS = {"deepseek_v3": [[0, 1, 2, 3], [4, 5, 6, 7]]}  # DeepSeek's routing groups (n_group=2); others: one block
-SCORE_OF = {"f-prune": "counts", "s-prune": "prob_sum", "reap": "reap"}
+SCORE_OF = {
+    "f-prune": "counts",
+    "s-prune": "prob_sum",
+    "reap": "reap",
+    "man": "activation_norm",
+    "msan": "activation_sq_norm",
+}
 # no report: the report's tests are in test_report.py
 SMALL_CALIB = ["--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-report"]
 
@@ -153,7 +166,7 @@ def calibrated(family: str):
         model,
         adapter.moe_layers(model),
         [torch.tensor(r) for r in rows],
-        OUTPUTS,
+        OUTPUTS | {"activation_norm", "activation_sq_norm"},
         router_sample=T,
         output_sample=T,
         progress=False,
@@ -196,8 +209,9 @@ def assert_argmin(chosen: tuple[int, ...], errors: dict[tuple[int, ...], float],
 
 @functools.cache
 def oracle_statistics(family: str, layer: int) -> dict[str, torch.Tensor]:
-    """counts / prob_sum / reap of one layer recomputed in float64 from the captured block inputs: routing by the
-    model's own gate, probabilities from softmax (sigmoid for DeepSeek) of x W^T, E_j(x) from plain torch."""
+    """counts / prob_sum / reap / activation_norm / activation_sq_norm of one layer recomputed in float64 from the
+    captured block inputs: routing by the model's own gate, probabilities from softmax (sigmoid for DeepSeek) of
+    x W^T, E_j(x) from plain torch."""
     model, inputs, _ = calibrated(family)
     block = moe_blocks(model)[layer]
     x = inputs[layer]
@@ -208,6 +222,8 @@ def oracle_statistics(family: str, layer: int) -> dict[str, torch.Tensor]:
     g = weights.double() / weights.double().sum(-1, keepdim=True)
     counts = torch.zeros(N, dtype=torch.int64)
     reap_sum = torch.zeros(N, dtype=torch.float64)
+    norm_sum = torch.zeros(N, dtype=torch.float64)
+    sq_norm_sum = torch.zeros(N, dtype=torch.float64)
     for j in range(N):
         token, slot = (ids == j).nonzero(as_tuple=True)
         counts[j] = len(token)
@@ -215,7 +231,16 @@ def oracle_statistics(family: str, layer: int) -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 norms = expert_output(block, j, x[token]).norm(dim=-1)
             reap_sum[j] = (g[token, slot] * norms).sum()
-    return {"counts": counts, "prob_sum": probs.sum(0), "reap": reap_sum / counts.clamp(min=1)}
+            norm_sum[j] = norms.double().sum()
+            sq_norm_sum[j] = (norms.double() ** 2).sum()
+    per_token = counts.clamp(min=1)
+    return {
+        "counts": counts,
+        "prob_sum": probs.sum(0),
+        "reap": reap_sum / per_token,
+        "activation_norm": norm_sum / per_token,
+        "activation_sq_norm": sq_norm_sum / per_token,
+    }
 
 
 def brute_force_keep(score: torch.Tensor, experts: list[int], r: int) -> tuple[int, ...]:
@@ -413,7 +438,8 @@ def test_o_prune_without_expert_outputs_is_an_error():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_statistics_equal_independent_recomputation(family):
-    """counts (exactly), prob_sum and reap equal a float64 recomputation from block inputs captured by our own hook."""
+    """counts (exactly), prob_sum, reap and the (squared) activation norms equal a float64 recomputation from block
+    inputs captured by our own hook."""
     _, inputs, stats = calibrated(family)
     for layer, layer_stats in stats.items():
         oracle = oracle_statistics(family, layer)
@@ -421,14 +447,15 @@ def test_statistics_equal_independent_recomputation(family):
         assert torch.equal(layer_stats.counts, oracle["counts"])
         assert int(oracle["counts"].sum()) == T * 2
         torch.testing.assert_close(layer_stats.prob_sum, oracle["prob_sum"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer_stats.reap, oracle["reap"], rtol=1e-4, atol=1e-6)
+        for name in ("reap", "activation_norm", "activation_sq_norm"):
+            torch.testing.assert_close(getattr(layer_stats, name), oracle[name], rtol=1e-4, atol=1e-6)
         assert torch.equal(layer_stats.router_inputs, inputs[layer])
 
 
-@pytest.mark.parametrize("method", ["f-prune", "s-prune", "reap"])
+@pytest.mark.parametrize("method", list(SCORE_OF))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_highest_methods_keep_highest_recomputed_score(family, method):
-    """f-prune / s-prune / reap keep, per routing block, the brute-force top-r of the recomputed count / prob / REAP."""
+    """f-prune / s-prune / reap / man / msan keep, per routing block, the brute-force top-r of the recomputed count / prob / REAP."""
     model, _, stats = calibrated(family)
     plan = plan_groups(stats, ADAPTERS[family], model.config, R, method=method)
     for layer in stats:
@@ -453,7 +480,7 @@ def test_keep_highest_ties_go_to_lower_ids():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_o_prune_error_not_above_other_pruning_methods(family):
     """Under the own-forward oracle objective, the kept set plan_groups gives for o-prune has error <= the kept sets
-    plan_groups gives for f-prune, s-prune and reap (all four chosen by the code under test, scored by the oracle)."""
+    plan_groups gives for f-prune, s-prune, reap, man and msan (all six chosen by the code under test, scored by the oracle)."""
     model, _, stats = calibrated(family)
     plans = {m: plan_groups(stats, ADAPTERS[family], model.config, R, method=m) for m in ["o-prune", *SCORE_OF]}
     for layer in stats:

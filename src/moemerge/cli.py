@@ -141,10 +141,18 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linkage", default=d["linkage"], choices=LINKAGES, help="hierarchical clustering linkage")
     p.add_argument("--kmeans-init", default=d["kmeans_init"], choices=KMEANS_INITS, help="k-means initial centres")
     p.add_argument(
+        "--ream-group-size",
+        type=int,
+        default=d["ream_group_size"],
+        metavar="C",
+        help=f"ream: the most experts one group takes, its centre included (default {d['ream_group_size']}, REAM's C)",
+    )
+    p.add_argument(
         "--merge",
         default=d["merge"],
         choices=names("merge"),
-        help="how a group is merged: weighted average (frequency, average) or neuron matching (fix-dom, zipit)",
+        help="how a group is merged: weighted average (frequency, average) or neuron matching (fix-dom, zipit; "
+        "saliency: REAP-saliency weights after Hungarian alignment to the most salient member, as REAM)",
     )
     p.add_argument(
         "--align",

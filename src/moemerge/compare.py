@@ -81,9 +81,9 @@ def parse_variant(spec: str, seed: int = 0, router: str = "reduce") -> Variant:
             if value not in ("true", "false"):
                 raise MoemergeError(f"--methods {spec}: align must be true or false, not {value!r}")
             values[key] = value == "true"
-        elif key == "oprune_budget":
+        elif key in ("oprune_budget", "ream_group_size"):
             if not value.isdigit() or int(value) < 1:
-                raise MoemergeError(f"--methods {spec}: oprune_budget must be a whole number of at least 1")
+                raise MoemergeError(f"--methods {spec}: {key} must be a whole number of at least 1")
             values[key] = int(value)
         else:
             values[key] = value
@@ -268,7 +268,7 @@ class ReducedLayers:
         path = next(name for name, module in original.named_modules() if module is view.block)
         own = MoELayerView(index, layer.get_submodule(path), view.routing)
         o, groups = self.options, self.groups[index]
-        router = merge_layer(own, groups, self.stats[index], o.merge, o.router_rows, o.align, o.refit, o.router)
+        router = merge_layer(own, groups, self.stats[index], *o.merging, o.align, o.refit, o.router)
         to_storage(layer, stored)
         if resolve("method", o.method).compresses:
             compress_experts([own], compression_rank(own, o.rank, o.sparsity, o.param_budget), o.sparsity)
@@ -291,9 +291,7 @@ def reduce_variant(model, family, config, stats: dict, options: ReduceOptions, r
     reduced = copy.deepcopy(model)
     groups = plan_groups(stats, family, config, r, options)
     o = options
-    originals = apply_groups(
-        reduced, family, stats, groups, o.merge, o.router_rows, align=o.align, refit=o.refit, router=o.router
-    )
+    originals = apply_groups(reduced, family, stats, groups, *o.merging, align=o.align, refit=o.refit, router=o.router)
     layers = family.moe_layers(reduced)
     if stored_dtypes:
         to_storage(reduced, stored_dtypes)

@@ -25,6 +25,8 @@ from moemerge.grouping import (
     hierarchical_labels,
     kmeans_labels,
     labels_to_groups,
+    pseudo_groups,
+    ream_similarity,
     single_shot_labels,
 )
 from moemerge.registry import register, resolve
@@ -42,12 +44,14 @@ class Method:
         exactly as the pruned model and grouped routing adds nothing.
     preset: options its name fixes, whatever else was asked (:meth:`ReduceOptions.effective`).
     compresses: its merged experts are then compressed to low-rank plus sparse (:mod:`moemerge.merging.low_rank`).
+    sequential: ``reduce`` collects each layer's statistics from the already-reduced layers (as ``--sequential``).
     """
 
     choose: Callable[[LayerStatistics, list[int], int, ReduceOptions], list[list[int]]]
     prunes: bool = False
     preset: Mapping[str, str] = field(default_factory=dict)
     compresses: bool = False
+    sequential: bool = False
 
     def __call__(self, stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions):
         return self.choose(stats, experts, r, options)
@@ -112,6 +116,14 @@ def m_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOp
     return hc_smoe(stats, experts, r, options)
 
 
+def required(stats: LayerStatistics, name: str) -> torch.Tensor:
+    """The optional statistic ``name`` of ``stats``; ValueError if the calibration did not collect it."""
+    value = getattr(stats, name)
+    if value is None:
+        raise ValueError(f"this method needs the {name} statistic, which the calibration did not collect")
+    return value
+
+
 def keep_highest(score: torch.Tensor, experts: list[int], r: int) -> list[list[int]]:
     """One-member groups of the r experts with the highest ``score`` [n] (ties: the lower id)."""
     kept = sorted(experts, key=lambda j: (-float(score[j]), j))[:r]
@@ -138,6 +150,19 @@ def reap(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOpti
     return keep_highest(stats.reap, experts, r)
 
 
+@method("man", needs=("activation_norm",), prunes=True)
+def man(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
+    """MAN (Liu et al. 2026, "How to Score Experts for One-Shot MoE Expert Pruning"): keep the r experts of
+    largest mean activation norm, the mean over the tokens routed to j of ||E_j(x)||_2, without gate weight."""
+    return keep_highest(required(stats, "activation_norm"), experts, r)
+
+
+@method("msan", needs=("activation_sq_norm",), prunes=True)
+def msan(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
+    """MSAN (same paper): keep the r experts of largest mean over routed tokens of ||E_j(x)||_2^2."""
+    return keep_highest(required(stats, "activation_sq_norm"), experts, r)
+
+
 @method("o-prune", needs=("expert_outputs", "router_logits"), prunes=True)
 def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """O-prune (Lu et al. 2024): keep the set S of r experts minimising sum_x ||MoE(x) - MoE_S(x)||^2 over the
@@ -147,9 +172,7 @@ def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceO
     random subsets (seeded), as the paper did for Qwen. With DeepSeek's routing blocks each block is searched
     on its own, the experts outside it kept. Ties go to the subset found first.
     """
-    if stats.expert_outputs is None or stats.router_logits is None:
-        raise ValueError("o-prune needs the expert_outputs and router_logits statistics")
-    outputs, logits = stats.expert_outputs.double(), stats.router_logits
+    outputs, logits = required(stats, "expert_outputs").double(), required(stats, "router_logits")
     rows = torch.arange(len(logits))[:, None]
 
     def moe(keep: torch.Tensor) -> torch.Tensor:
@@ -170,6 +193,21 @@ def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceO
         if error < best_error:
             best, best_error = subset, error
     return [[j] for j in sorted(best)]
+
+
+@method(
+    "ream",
+    needs=("gated_mean_output", "router_logit_features"),
+    preset={"merge": "saliency", "router_rows": "saliency"},
+    sequential=True,
+)
+def ream(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
+    """REAM (Samsung SAIL Montreal 2026): the r experts of highest REAP saliency lead the groups, each taking its
+    most similar unassigned experts up to ``options.ream_group_size`` (:mod:`moemerge.grouping.ream`); the preset
+    merges by saliency with Hungarian neuron alignment (merge ``saliency``) and keeps each centre's router row
+    (router rows ``saliency``); ``reduce`` runs it layer-sequentially, as the paper."""
+    similarity = ream_similarity(required(stats, "gated_mean_output"), required(stats, "router_logit_features"))
+    return pseudo_groups(stats.reap, similarity, experts, r, options.ream_group_size)
 
 
 @method("mc-smoe", preset=M_SMOE_GROUPING, compresses=True)

@@ -21,7 +21,7 @@ import moemerge.methods
 import moemerge.routing  # noqa: F401
 from moemerge.defaults import CALIB_SAMPLES, CALIB_SEQ_LEN, OPRUNE_BUDGET
 from moemerge.errors import MoemergeError
-from moemerge.grouping import BUDGETS, KMEANS_INITS, check_linkage
+from moemerge.grouping import BUDGETS, GROUP_SIZE, KMEANS_INITS, check_linkage
 from moemerge.registry import check_choice, needs, resolve
 
 ROUTER_MODES = ("reduce", "grouped")
@@ -33,6 +33,7 @@ VARIANT_KEYS = (
     "cluster",
     "linkage",
     "kmeans_init",
+    "ream_group_size",
     "oprune_budget",
     "merge",
     "align",
@@ -52,7 +53,7 @@ class ReduceOptions:
     merge, align: how a group becomes one expert; rank, sparsity, param_budget: mc-smoe's compression.
     router, router_rows: the router mode and how reduced router rows are built.
     refit: what is refit in closed form after merging (:mod:`moemerge.merging.refit`).
-    oprune_budget: o-prune's subset budget; budget: experts per layer (uniform or by a global score).
+    ream_group_size: ream's C, the most experts one group takes; oprune_budget: o-prune's subset budget; budget: experts per layer (uniform or by a global score).
     calib, calib_samples, calib_seq_len: calibration text and size; device, dtype: where and in what the model is
         loaded; seed: calibration sample, k-means and o-prune's random subsets.
     """
@@ -65,6 +66,7 @@ class ReduceOptions:
     cluster: str = "hierarchical"
     linkage: str = "average"
     kmeans_init: str = "first"
+    ream_group_size: int = GROUP_SIZE
     merge: str = "frequency"
     align: bool = False
     rank: int | None = None
@@ -107,14 +109,19 @@ class ReduceOptions:
         """The options the method runs with: these, with the method's preset applied."""
         return self.replace(**resolve("method", self.method).preset)
 
-    def _effective(self, name: str):
+    def effective_option(self, name: str):
         """Option ``name`` as the method runs with it (its preset's value, if it fixes one)."""
         return resolve("method", self.method).preset.get(name, getattr(self, name))
 
     @property
+    def merging(self) -> tuple[str, str]:
+        """(merge, router_rows) as the method runs with them."""
+        return self.effective_option("merge"), self.effective_option("router_rows")
+
+    @property
     def soft_groups(self) -> bool:
         """Whether the method groups experts by memberships (fuzzy c-means)."""
-        return self._effective("cluster") == "fcm" and not resolve("method", self.method).prunes
+        return self.effective_option("cluster") == "fcm" and not resolve("method", self.method).prunes
 
     def _check_types(self) -> None:
         """``True`` is not a number, 2 is a float."""
@@ -138,6 +145,8 @@ class ReduceOptions:
         check_choice("budget", self.budget, BUDGETS)
         if self.router not in ROUTER_MODES:
             raise MoemergeError(f"unknown router mode {self.router!r}; choose one of: {', '.join(ROUTER_MODES)}")
+        if self.ream_group_size < 1:
+            raise MoemergeError(f"--ream-group-size {self.ream_group_size} must be at least 1")
         if self.oprune_budget < 1:
             raise MoemergeError(f"--oprune-budget {self.oprune_budget} must be at least 1")
         if (self.rank is not None and self.rank < 1) or not 0 <= self.sparsity <= 1:
@@ -172,10 +181,11 @@ class ReduceOptions:
     def statistics(self) -> frozenset[str]:
         """The optional calibration statistics (fields of :class:`moemerge.statistics.LayerStatistics`) that the
         method, its metric (unless it prunes), the merge, the router rows and the refit declared they read."""
-        needed = needs("method", self.method) | needs("merge", self.merge) | needs("router-rows", self.router_rows)
+        merge, rows = self.merging
+        needed = needs("method", self.method) | needs("merge", merge) | needs("router-rows", rows)
         needed |= needs("refit", self.refit)
         if not resolve("method", self.method).prunes:
-            needed |= needs("metric", self._effective("metric"))
+            needed |= needs("metric", self.effective_option("metric"))
         return needed
 
 

@@ -248,7 +248,10 @@ def merge_layer(
         inputs = stats.router_inputs
         if inputs is None:
             raise ValueError(f"--merge {merge} needs router inputs sampled during calibration (router_inputs)")
-        routed = routed_tokens(view.routing, view.router_weight, bias, inputs)
+        if rule.all_tokens:
+            routed = torch.ones(len(inputs), view.num_experts, dtype=torch.bool)
+        else:
+            routed = routed_tokens(view.routing, view.router_weight, bias, inputs)
         units = match_groups(rule.match, weights, groups, alphas, view.act_fn, inputs, routed)
     merged = merge_experts(weights, groups, alphas, units)
     weight, new_bias = build_router_rows(router_rows_rule, view.router_weight, bias, groups, stats)
@@ -448,10 +451,8 @@ def write_reduced(
 
         original = architecture(str(run.model_arg), loaded, source.family, run.config)
     params_before = sum(p.numel() for p in loaded.parameters())
-    with phase(f"merging ({o.merge})"):
-        originals = apply_groups(
-            loaded, source.family, stats, groups, o.merge, o.router_rows, progress, o.align, o.refit, o.router
-        )
+    with phase(f"merging ({o.merging[0]})"):
+        originals = apply_groups(loaded, source.family, stats, groups, *o.merging, progress, o.align, o.refit, o.router)
         to_storage(loaded, run.stored_dtypes)
 
     stored_params = compression = None

@@ -26,10 +26,12 @@ class MergeRule:
     match: None (neuron a of every member goes into merged neuron a), or a function of the members'
         intermediate activations [t, I] each (dominant member first) and their weights [m], returning
         units [m, I]: the merged neuron each member neuron goes into.
+    all_tokens: match on every sampled calibration token (default: the tokens the router sent to the group).
     """
 
     weights: Callable[[LayerStatistics, list[int]], torch.Tensor]
     match: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
+    all_tokens: bool = False
 
 
 def frequency_weights(stats: LayerStatistics, group: list[int]) -> torch.Tensor:

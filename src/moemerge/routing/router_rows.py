@@ -6,9 +6,12 @@
   router that target gives the merged expert exactly the (membership-shared) summed probability
   of its members, as ``grouped`` routing does; the fit is ridge-regularised towards the
   ``frequency`` row. Members of hard one-member groups keep their row exactly.
+- ``saliency``: the row of the group's most salient member (REAP saliency; ties: the lower id), as REAM
+  keeps its group centre's row.
 
 The selection bias (DeepSeek-V3) of a merged expert is the frequency-weighted mean of its
-members'. Which rule is the default was decided by measurement (see the README).
+members' (``saliency``: the most salient member's). Which rule is the default was decided by
+measurement (see the README).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def router_rows(
     rows = resolve("router-rows", rule)(weight.double(), groups, alphas, stats)
     new_bias = None
     if bias is not None:
-        new_bias = torch.stack([(a * bias[g].double()).sum() for g, a in zip(groups, alphas, strict=True)])
+        shares = centre_weights(groups, stats) if rule == "saliency" else alphas
+        new_bias = torch.stack([(a * bias[g].double()).sum() for g, a in zip(groups, shares, strict=True)])
         new_bias = new_bias.to(bias.dtype)
     return rows.to(weight.dtype), new_bias
 
@@ -40,6 +44,21 @@ def router_rows(
 def frequency_rows(weight, groups, alphas, stats) -> torch.Tensor:
     """[r, H] float64 frequency-weighted mean of member rows."""
     return torch.stack([a @ weight[g] for g, a in zip(groups, alphas, strict=True)])
+
+
+def centre_weights(groups: list[list[int]], stats: LayerStatistics) -> list[torch.Tensor]:
+    """Per group [m] float64: 1 for its most salient member (REAP saliency; ties: the lower id), 0 for the rest."""
+    shares = []
+    for group in groups:
+        centre = min(range(len(group)), key=lambda m: (-float(stats.reap[group[m]]), group[m]))
+        shares.append(torch.nn.functional.one_hot(torch.tensor(centre), len(group)).double())
+    return shares
+
+
+@register("router-rows", "saliency")
+def saliency_rows(weight, groups, alphas, stats) -> torch.Tensor:
+    """[r, H] float64 the row of each group's most salient member."""
+    return frequency_rows(weight, groups, centre_weights(groups, stats), stats)
 
 
 @register("router-rows", "lse", needs=("router_inputs",))

@@ -38,11 +38,15 @@ class LayerStatistics:
     """Calibration statistics of one MoE layer with n experts (each tensor field is a registered Statistic).
 
     mean_output: [n, H] float32, o_j = mean_t E_j(x_t) over all tokens.
+    gated_mean_output: [n, H] float32 or None, mean_t p_j(x_t) E_j(x_t) over all tokens, p_j the router's
+        probability (softmax) or score (sigmoid) of expert j (REAM's expert feature).
     counts: [n] int64, how many tokens the router put each expert in its top-k for.
     num_tokens: T.
     prob_sum: [n] float64, router probability (softmax) or score (sigmoid) of each expert summed over tokens.
     reap: [n] float64 REAP saliency, mean over the tokens routed to j of g_j(x) ||E_j(x)||_2 with g
         the top-k weights renormalised to sum to 1 (0 for an expert no token was routed to).
+    activation_norm, activation_sq_norm: [n] float64 or None, mean over the tokens routed to j of ||E_j(x)||_2 and
+        of ||E_j(x)||_2^2, without gate weight (the MAN and MSAN scores; 0 for an expert no token was routed to).
     routing: the layer's routing rule; selection_bias: [n] float32 or None.
     router_inputs: [t, H] float32 hidden states at the router, every ``T/t``-th token, or None.
     router_logits: [t', n] float32 router logits, and expert_outputs: [t', n, H] float32 E_j(x) of
@@ -59,6 +63,9 @@ class LayerStatistics:
     reap: torch.Tensor
     routing: RoutingRule
     selection_bias: torch.Tensor | None = None
+    gated_mean_output: torch.Tensor | None = None
+    activation_norm: torch.Tensor | None = None
+    activation_sq_norm: torch.Tensor | None = None
     router_inputs: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     expert_outputs: torch.Tensor | None = None
@@ -120,7 +127,8 @@ def statistic(name: str, **declared) -> Statistic:
 
 
 def _mean_output(acc: LayerAccumulator, act_sum: torch.Tensor, stats: dict) -> torch.Tensor:
-    """o_j = W_down_j @ mean_t act_j(x_t), in float64, a few experts at a time."""
+    """[n, H] float32 W_down_j @ (act_sum_j / T), in float64, a few experts at a time (act_sum [n, I]: a sum over
+    the tokens of act_j, or of p_j act_j)."""
     down = acc.view.block.experts.down_proj
     act_mean = (act_sum / acc.total_tokens).to(down.device)
     step = max(1, CHUNK_BYTES // (down[0].numel() * 8))  # experts per float64 copy of down_proj
@@ -131,18 +139,41 @@ def _mean_output(acc: LayerAccumulator, act_sum: torch.Tensor, stats: dict) -> t
     return torch.cat(means).float().cpu()
 
 
-def _reap_part(chunk: Chunk) -> torch.Tensor:
-    """[n] float64 sums of g_j(x) ||E_j(x)|| over the chunk's tokens routed to j: only those go through down_proj."""
+def _gated_act_sum(chunk: Chunk) -> torch.Tensor:
+    """[n, I] float64 sums over the chunk's tokens of p_j(x) act_j(x), p the router's probabilities or scores."""
+    sequence = chunk.sequence
+    logits = sequence.logits[chunk.start : chunk.start + len(chunk.act)]
+    probs = sequence.accumulator.view.routing.scores(logits).to(chunk.act)
+    return (chunk.act * probs[:, :, None]).sum(0, dtype=torch.float64)
+
+
+def _routed_output_norms(chunk: Chunk):
+    """For each expert j some of the chunk's tokens were routed to: (j, their renormalised gates g_j [m] float32,
+    ||E_j(x)||_2 [m] float32). Only routed tokens go through down_proj."""
     sequence, act = chunk.sequence, chunk.act
     down = sequence.accumulator.view.block.experts.down_proj
     end = chunk.start + len(act)
     ids, gates = sequence.indices[chunk.start : end], sequence.gates[chunk.start : end]
-    part = torch.zeros(act.shape[1], dtype=torch.float64, device=act.device)
     for j in ids.unique().tolist():
         token, slot = (ids == j).nonzero(as_tuple=True)
-        norms = (act[token, j].to(down.dtype) @ down[j].T).float().norm(dim=-1)
-        part[j] += (gates[token, slot] * norms).sum(dtype=torch.float64)
+        yield j, gates[token, slot], (act[token, j].to(down.dtype) @ down[j].T).float().norm(dim=-1)
+
+
+def _routed_norm_sum(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[Chunk], torch.Tensor]:
+    """Per chunk: [n] float64 sums over the tokens routed to j of ``score(gates, norms)``."""
+
+    def part(chunk: Chunk) -> torch.Tensor:
+        sums = torch.zeros(chunk.act.shape[1], dtype=torch.float64, device=chunk.act.device)
+        for j, gates, norms in _routed_output_norms(chunk):
+            sums[j] += score(gates, norms).sum(dtype=torch.float64)
+        return sums
+
     return part
+
+
+def _per_routed_token(acc: LayerAccumulator, total: torch.Tensor, stats: dict) -> torch.Tensor:
+    """A routed-token sum [n] divided by each expert's count (an expert never routed to keeps 0)."""
+    return (total / stats["counts"].to(total.device).clamp(min=1)).cpu()
 
 
 def _sampled_inputs(sequence: Sequence) -> torch.Tensor:
@@ -165,6 +196,7 @@ statistic(
     always=True,
     kept=True,
 )
+statistic("gated_mean_output", per_chunk=_gated_act_sum, finish=_mean_output)
 statistic(
     "counts",
     per_sequence=lambda s: torch.bincount(s.indices.reshape(-1), minlength=s.logits.shape[1]),
@@ -179,11 +211,23 @@ statistic(
 )
 statistic(
     "reap",
-    per_chunk=_reap_part,
-    finish=lambda acc, total, stats: (total / stats["counts"].to(total.device).clamp(min=1)).cpu(),
+    per_chunk=_routed_norm_sum(lambda gates, norms: gates * norms),
+    finish=_per_routed_token,
     requires=("counts",),
     always=True,
     kept=True,
+)
+statistic(
+    "activation_norm",
+    per_chunk=_routed_norm_sum(lambda gates, norms: norms),
+    finish=_per_routed_token,
+    requires=("counts",),
+)
+statistic(
+    "activation_sq_norm",
+    per_chunk=_routed_norm_sum(lambda gates, norms: norms.double() ** 2),
+    finish=_per_routed_token,
+    requires=("counts",),
 )
 statistic(
     "selection_bias",

@@ -152,12 +152,15 @@ def reduce_prepared(
             "safetensors"
         )
     two_pass = o.budget != "uniform" and planned is None
-    if two_pass and sequential:
+    method_sequential = resolve("method", o.method).sequential and planned is None
+    if two_pass and (sequential or method_sequential):
+        which = f"--method {o.method}" if method_sequential else "--sequential"
         raise MoemergeError(
             f"--budget {o.budget} sets every layer's expert count from the original model's statistics before the "
-            "first merge, and --sequential collects each layer's statistics after the layers before it are reduced; "
-            "drop one of them"
+            f"first merge, and {which} collects each layer's statistics after the layers before it are reduced; "
+            f"use --budget uniform{'' if method_sequential else ' or drop --sequential'}"
         )
+    sequential = sequential or method_sequential
     rank_id, world = rank_and_world()
     out = Path(out)
     stream = LayerStream(run.source, config, o.dtype, o.device)
@@ -238,7 +241,7 @@ def reduce_prepared(
                             groups = planned[i]
                         else:
                             groups = plan_groups({i: stats}, family, config, count, o.replace(budget="uniform"))[i]
-                        router = merge_layer(view, groups, stats, o.merge, o.router_rows, o.align, o.refit, o.router)
+                        router = merge_layer(view, groups, stats, *o.merging, o.align, o.refit, o.router)
                         to_storage(layer, stored)
                         router = stored_router(router, view)
                         factors, saved = {}, 0
