@@ -158,7 +158,7 @@ def test_stream_errors_are_one_line(tmp_path, capfd, monkeypatch):
     base = ["reduce", source, "--experts", "4", "--calib-samples", "2", "--calib-seq-len", "16", "--quiet"]
     out = tmp_path / "out"
     cases = [
-        ([*base, "--out", out, "--sequential", "--budget", "frequency"], "drop one of them"),
+        ([*base, "--out", out, "--sequential", "--budget", "frequency"], "use --budget uniform or drop --sequential"),
     ]
     for argv, needle in cases:
         code, _, err = run_cli(argv, capfd)

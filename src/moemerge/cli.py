@@ -202,8 +202,9 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
         "--budget",
         default=d["budget"],
         choices=BUDGETS,
-        help="experts per layer: uniform (R each), or R on average by global expert frequency or router probability "
-        "(load the output with moemerge.load_model)",
+        help="experts per layer: uniform (R each), or R on average by global expert frequency or router probability, "
+        "or (search) by the least summed output error of the layers reduced at every count (reduce only; load "
+        "the output with moemerge.load_model)",
     )
     _calibration_options(p)
 

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from transformers import AutoConfig
 
 from moemerge.adapters import MoELayerView
+from moemerge.budget_search import SEARCH_IN_REDUCE_ONLY
 from moemerge.calibration import check_calibration_size, check_spec, load_calibration
 from moemerge.checkpoint import inspect_source, load_source
 from moemerge.checkpoint.source import load_tokenizer
@@ -87,6 +88,8 @@ def parse_variant(spec: str, seed: int = 0, router: str = "reduce") -> Variant:
             values[key] = int(value)
         else:
             values[key] = value
+    if values.get("budget") == "search":
+        raise MoemergeError(f"--methods {spec}: {SEARCH_IN_REDUCE_ONLY}")
     try:
         return Variant(spec, ReduceOptions(**values))
     except MoemergeError as err:

@@ -184,6 +184,8 @@ class ReduceOptions:
         merge, rows = self.merging
         needed = needs("method", self.method) | needs("merge", merge) | needs("router-rows", rows)
         needed |= needs("refit", self.refit)
+        if self.budget == "search":
+            needed |= {"router_inputs"}
         if not resolve("method", self.method).prunes:
             needed |= needs("metric", self.effective_option("metric"))
         return needed

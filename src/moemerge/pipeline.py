@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from moemerge.adapters import MoEFamily, MoELayerView
+from moemerge.budget_search import layer_errors, searched_budgets
 from moemerge.calibration import CalibrationSet, check_calibration_size, check_spec, load_calibration
 from moemerge.checkpoint import inspect_source, load_source, write_checkpoint
 from moemerge.checkpoint.identity import model_identity
@@ -140,8 +141,13 @@ def experts_per_layer(
     check_budget(family, config, r, budget, router)
     if budget == "uniform":
         return dict.fromkeys(stats, r)
+    top_k = family.routing_rule(config).top_k
+    if budget == "search":
+        if any(s.budget_errors is None for s in stats.values()):
+            raise ValueError("--budget search needs every layer's budget_errors (moemerge.budget_search)")
+        return searched_budgets({layer: s.budget_errors for layer, s in stats.items()}, r, top_k)
     score = {layer: getattr(s, BUDGET_SCORES[budget]) for layer, s in stats.items()}
-    return layer_budgets(score, r, family.routing_rule(config).top_k)
+    return layer_budgets(score, r, top_k)
 
 
 def check_budget(family: MoEFamily, config, r: int, budget: str, router: str = "reduce") -> None:
@@ -407,6 +413,10 @@ def prepare(
     needs = statistics_needs([o])
     with phase(f"statistics of {len(layers)} MoE layers on {calibration.num_tokens:,} calibration tokens"):
         stats = collect_statistics(loaded, layers, calibration.sequences, needs, progress=progress)
+    if o.budget == "search":
+        with phase(f"--budget search: every MoE layer reduced to every count from top-k to {n - 1}"):
+            for view in layers:
+                stats[view.layer].budget_errors = layer_errors(view, stats[view.layer], source.family, config, o)
     return Prepared(
         model, o, source, identity, config, loaded, calibration, layers, stats, r, rank, compute, stored, start
     )

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoConfig
 
 from moemerge.adapters import MoEFamily
+from moemerge.budget_search import SEARCH_IN_REDUCE_ONLY
 from moemerge.checkpoint import inspect_source
 from moemerge.checkpoint.identity import model_identity
 from moemerge.errors import MoemergeError
@@ -50,6 +51,8 @@ def plan_recipe(
 ) -> dict:
     """Calibrate and group like :func:`moemerge.reduce` with the same ``options``, one decoder layer in memory at a
     time, and write the plan to the JSON file ``recipe`` (not replaced without ``force``). Returns the recipe."""
+    if options.get("budget") == "search":
+        raise MoemergeError(SEARCH_IN_REDUCE_ONLY)
     check_recipe_path(recipe, force, reads=(model, options.get("calib")))
     recipe = Path(recipe)
     whole = inspect_source(model, allow_pickle=options.get("allow_pickle", False)).uses_pickle

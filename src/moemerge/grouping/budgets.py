@@ -5,14 +5,15 @@ activation frequency, keep the global top L * r, and give each layer as many exp
 as it has kept, never fewer than top-k: each layer first keeps its top-k experts, then the
 remaining slots go to the most frequent of the other experts, wherever they are. The average
 stays r. ``probability`` does the same by summed router probability (S-prune's score), which
-makes ``--method s-prune`` global S-prune as ``frequency`` makes F-prune global.
+makes ``--method s-prune`` global S-prune as ``frequency`` makes F-prune global. ``search`` minimises a
+per-layer output-error proxy over all allocations (:mod:`moemerge.budget_search`).
 """
 
 from __future__ import annotations
 
 import torch
 
-BUDGETS = ("uniform", "frequency", "probability")
+BUDGETS = ("uniform", "frequency", "probability", "search")
 
 
 def layer_budgets(scores: dict[int, torch.Tensor], r: int, floor: int) -> dict[int, int]:

@@ -53,6 +53,8 @@ class LayerStatistics:
         every expert, for every ``t/t'``-th of those sampled tokens, or None.
     router_logit_features: [n, T] float32 router logits of every expert on every token, or None.
     weight_gram: [n, n] float64 Gram matrix of the experts' flattened (gate, up, down) weights, or None.
+    budget_errors: [n - top_k + 1] float64 or None: ``--budget search``'s proxy, the layer's output error reduced to
+        top_k .. n experts (not a calibration statistic: set by :func:`moemerge.budget_search.layer_errors`).
     """
 
     layer: int
@@ -71,6 +73,7 @@ class LayerStatistics:
     expert_outputs: torch.Tensor | None = None
     router_logit_features: torch.Tensor | None = None
     weight_gram: torch.Tensor | None = None
+    budget_errors: torch.Tensor | None = None
 
     @property
     def frequency(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from moemerge.budget_search import layer_errors, searched_budgets
 from moemerge.checkpoint import writer
 from moemerge.checkpoint.model_files import DTYPE_BITS
 from moemerge.checkpoint.source import inspect_source
@@ -229,6 +230,8 @@ def reduce_prepared(
                             hidden = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
                     elif not merging:
                         stats, hidden = collect(layer, view, i, hidden, calls, total, offsets, needs)
+                        if o.budget == "search":
+                            stats.budget_errors = layer_errors(view, stats, family, config, o)
                         if is_writer():
                             state.save_statistics(i, stats)
                     else:
@@ -295,7 +298,10 @@ def reduce_prepared(
 
 def _budget_counts(state: RunState, views: dict, routing, r: int, budget: str) -> dict[int, int]:
     """Experts kept per MoE layer under a non-uniform ``budget``, from the one statistic of the statistics pass's
-    records that it shares the experts by."""
+    records that it shares the experts by (``search``: the error proxy recorded beside them)."""
+    if budget == "search":
+        errors = {layer: state.load_statistic(layer, "budget_errors") for layer in sorted(views)}
+        return searched_budgets(errors, r, routing.top_k)
     scores = {layer: state.load_statistic(layer, BUDGET_SCORES[budget]) for layer in sorted(views)}
     return layer_budgets(scores, r, routing.top_k)
 
