@@ -22,6 +22,7 @@ from moemerge.budget_search import layer_errors, searched_budgets
 from moemerge.checkpoint import inspect_source, load_source
 from moemerge.compare import parse_variant
 from moemerge.options import ReduceOptions
+from moemerge.routing.grouped import install_grouped_routers
 from moemerge.statistics import collect_statistics
 
 SAMPLES, SEQ_LEN, R = 2, 32, 4
@@ -59,9 +60,9 @@ def rows() -> list[list[int]]:
     return [torch.randint(0, VOCAB, (SEQ_LEN,), generator=g).tolist() for _ in range(SAMPLES)]
 
 
-def oracle_errors(model, family: str, stats) -> dict[int, list[float]]:
+def oracle_errors(model, family: str, stats, router: str = "reduce") -> dict[int, list[float]]:
     """Per MoE layer, [e(c) for c = top-k .. n]: mean over the captured block inputs of the squared L2 distance
-    between the block of a uniformly reduced copy and the original block."""
+    between the block of a uniformly reduced copy (its router mode installed) and the original block."""
     adapter = ADAPTERS[family]
     inputs: dict[int, list[torch.Tensor]] = {}
     blocks = {v.layer: v.block for v in adapter.moe_layers(model)}
@@ -80,7 +81,10 @@ def oracle_errors(model, family: str, stats) -> dict[int, list[float]]:
     for count in range(top_k, n + 1):
         reduced = copy.deepcopy(model)
         if count < n:
-            apply_groups(reduced, adapter, stats, plan_groups(stats, adapter, model.config, count), "frequency", "lse")
+            groups = plan_groups(stats, adapter, model.config, count, router=router)
+            routers = apply_groups(reduced, adapter, stats, groups, "frequency", "lse", router=router)
+            if router == "grouped":
+                install_grouped_routers(adapter.moe_layers(reduced), routers, groups, top_k)
         with torch.no_grad():
             for view in adapter.moe_layers(reduced):
                 diff = view.block(x[view.layer]).double() - blocks[view.layer](x[view.layer]).double()
@@ -114,6 +118,20 @@ def test_reduce_budget_search_picks_the_least_total_error_allocation(family, tmp
     total = sum(errors[layer][c - top_k] for layer, c in kept.items())
     assert total <= best_allocation(errors, R, top_k) * (1 + 1e-6) + 1e-12, (kept, errors)
     assert len(set(kept.values())) > 1 or all(len(set(e)) == 1 for e in errors.values())
+
+
+def test_layer_errors_with_grouped_routing_equal_the_recomputation():
+    """--router grouped: each count's error is that of the block routed by the original router mapped to groups."""
+    model = tiny_model("olmoe")
+    adapter = ADAPTERS["olmoe"]
+    options = ReduceOptions(budget="search", router="grouped")
+    sequences = [torch.tensor(r) for r in rows()]
+    stats = collect_statistics(model, adapter.moe_layers(model), sequences, options.statistics(), progress=False)
+    errors = oracle_errors(model, "olmoe", stats, "grouped")
+    assert errors != oracle_errors(model, "olmoe", stats)
+    for view in adapter.moe_layers(model):
+        got = layer_errors(view, stats[view.layer], adapter, model.config, options)
+        torch.testing.assert_close(got, torch.tensor(errors[view.layer], dtype=torch.float64), rtol=1e-5, atol=1e-9)
 
 
 def test_layer_errors_leave_the_block_unchanged_and_vanish_at_n():

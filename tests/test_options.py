@@ -73,6 +73,7 @@ def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
         ({"method": "f-prune", "router": "grouped"}, "keeps whole experts"),
         ({"cluster": "fcm", "router": "grouped"}, "--cluster fcm"),
         ({"cluster": "fcm", "align": True}, "drop --align"),
+        ({"cluster": "fcm", "router_rows": "saliency"}, "--router-rows saliency"),
         ({"rank": 4, "param_budget": 0.5}, "give one of them"),
     ],
 )
@@ -99,6 +100,7 @@ def test_a_preset_overrides_what_its_method_fixes_only():
     assert (effective.metric, effective.distance, effective.cluster) == ("router-logits", "cosine", "single-shot")
     assert (effective.linkage, effective.merge) == ("complete", "average")
     assert not asked.soft_groups and ReduceOptions(cluster="fcm").soft_groups
+    assert not ReduceOptions(method="ream", cluster="fcm", router="grouped").soft_groups  # ream does not cluster
 
 
 def test_every_declared_need_is_a_registered_statistic_of_the_statistics_record():

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAMILIES, VOCAB, plant_permuted_copies, run_cli, save_tiny, tiny_model
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from transformers import AutoModelForCausalLM
 
@@ -107,6 +108,8 @@ def test_pseudo_groups_follow_saliency_order_on_a_hand_case():
     assert pseudo_groups(saliency, sim, list(range(6)), 2, 3) == [[0, 2, 3], [1, 4, 5]]
     assert pseudo_groups(saliency, sim, list(range(6)), 2, 5) == [[0, 2, 3, 4, 5], [1]]
     assert pseudo_groups(saliency, sim, [1, 2, 3, 5], 2, 3) == [[1, 3, 5], [2]]  # a subset (a routing block)
+    tied = torch.ones(4)  # ties of saliency and of similarity go to the lower id
+    assert pseudo_groups(tied, torch.zeros(4, 4, dtype=torch.float64), list(range(4)), 2, 3) == [[0, 2, 3], [1]]
 
 
 def test_pseudo_groups_partition_with_one_centre_each_and_the_greedy_exchange_property():
@@ -137,9 +140,24 @@ def test_pseudo_groups_partition_with_one_centre_each_and_the_greedy_exchange_pr
                 assert max(float(sim[earlier, j]) for j in later) <= min(float(sim[earlier, j]) for j in taken)
 
 
-def test_pseudo_groups_refuse_groups_too_small_to_hold_every_expert():
-    with pytest.raises(MoemergeError, match="--ream-group-size 3"):
+def test_groups_too_small_to_hold_every_expert_are_refused_before_any_work(tmp_path, capfd):
+    """r x C below the expert count: pseudo_groups raises, and reduce refuses before calibrating (one error line,
+    naming the group size to give; nothing written), as compare does for its variant."""
+    with pytest.raises(MoemergeError, match="of 3 or more"):
         pseudo_groups(torch.ones(9), torch.zeros(9, 9), list(range(9)), 3, 2)
+    src = save_tiny("mixtral", tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to calibrate and evaluate on.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["reduce", src, "--experts", 2, "--method", "ream", "--ream-group-size", 3, "--out", out, "--quiet"]
+    code, _, err = run_cli([*argv, "--calib", text], capfd)
+    assert code == 2 and len(err.splitlines()) == 1 and "--ream-group-size" in err and "of 4 or more" in err, err
+    assert not out.exists()
+    grid = tmp_path / "grid"
+    argv = ["compare", src, "--methods", "ream:ream_group_size=3", "--experts", 2, "--out", grid]
+    code, _, err = run_cli([*argv, "--data", text, "--calib", text, "--calib-seq-len", SEQ_LEN], capfd)
+    assert code == 2 and "ream_group_size=" in err and "of 4 or more" in err, err
+    assert not grid.exists()
 
 
 def test_hungarian_units_minimise_the_total_distance_by_brute_force():
@@ -189,6 +207,37 @@ def test_a_neuron_permuted_copy_merges_back_into_its_centre(family):
             assert torch.equal(new.router_weight[k], old.router_weight[centre])
             if old.selection_bias is not None:
                 assert torch.equal(new.selection_bias[k], old.selection_bias[centre])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_saliency_merge_of_two_different_experts_equals_a_recomputation(family):
+    """Merging two different experts: centre = the higher REAP saliency; the other member's neurons permuted by
+    scipy's assignment on unit-length activation columns over all sampled tokens (numpy); the merge is the
+    saliency-weighted sum of the centre and the permuted member."""
+    model = tiny_model(family)
+    adapter = ADAPTERS[family]
+    stats = statistics_of(model, family)
+    before = copy.deepcopy(model)
+    groups = {layer: [[a, a + 1] for a in range(0, 8, 2)] for layer in stats}
+    apply_groups(model, adapter, stats, groups, "saliency", "saliency")
+    for old, new in zip(adapter.moe_layers(before), adapter.moe_layers(model), strict=True):
+        x = stats[old.layer].router_inputs.double()
+        reap = stats[old.layer].reap.double()
+        gate, up, down = (w.detach().double() for w in old.expert_weights())
+        for k, pair in enumerate(groups[old.layer]):
+            centre, other = sorted(pair, key=lambda j: (-float(reap[j]), j))
+            acts = [(F.silu(x @ gate[j].T) * (x @ up[j].T)).numpy().T for j in (centre, other)]
+            unit = [a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-8) for a in acts]
+            rows, cols = linear_sum_assignment(cdist(unit[0], unit[1]))
+            order = torch.as_tensor(cols[np.argsort(rows)])  # merged neuron a takes the other's neuron order[a]
+            w = reap[[centre, other]] / reap[[centre, other]].sum()
+            expected = (
+                w[0] * gate[centre] + w[1] * gate[other][order],
+                w[0] * up[centre] + w[1] * up[other][order],
+                w[0] * down[centre] + w[1] * down[other][:, order],
+            )
+            for got, want in zip(new.expert_weights(), expected, strict=True):
+                torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_saliency_router_rows_keep_the_most_salient_members_row_and_bias():

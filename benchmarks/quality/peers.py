@@ -4,14 +4,16 @@ Usage: ``python benchmarks/quality/peers.py [--models NAME ...] [--out DIR]`` (d
 ``benchmarks/results/quality``; writes ``peers.md`` and ``peers.csv``). The quality benchmark's settings
 (``run.py``: 256 x 256 general calibration tokens, the first 4,096 test tokens of each domain, 25 / 50 / 75 %
 removed). Every method runs on one calibration pass of the original model (both router modes for the merging
-methods), and REAM also as ``moemerge reduce --method ream`` runs it, layer-sequentially (``ream (sequential)``:
-every layer's statistics from the already-reduced layers, its own calibration pass per cell).
+methods). HC-SMoE and REAM also run layer-sequentially (``NAME (sequential)``: every layer's statistics from the
+already-reduced layers, as ``reduce --sequential`` and ``reduce --method ream`` run them), and HC-SMoE with
+``--budget search``, each through ``reduce`` with a calibration pass of its own per cell.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -22,56 +24,60 @@ from moemerge.compare import write_csv
 from moemerge.streaming import reduce_streaming
 
 METHODS = ("hc-smoe", "reap", "man", "msan", "ream")
-SEQUENTIAL = "ream (sequential)"
+STREAMED = {  # label: reduce options of the variants that compare cannot run from shared statistics
+    "hc-smoe (sequential)": {"method": "hc-smoe", "sequential": True},
+    "ream (sequential)": {"method": "ream", "sequential": True},
+    "hc-smoe (budget search)": {"method": "hc-smoe", "budget": "search"},
+}
 
 _spec = importlib.util.spec_from_file_location("quality_run", Path(__file__).with_name("run.py"))
 quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
 
 
-def sequential_ream(name: str, work: Path, log) -> list[dict]:
-    """Rows of ``reduce --method ream`` (layer-sequential), without and with the refit, at every ratio."""
+def streamed_rows(name: str, work: Path, log) -> list[dict]:
+    """Rows of the STREAMED variants reduced by ``reduce``, without and with the refit, at every ratio."""
     source = inspect_source(quality.MODELS / name)
     original, tokenizer = load_source(source, dtype="float32")
     n = source.family.num_experts(original.config)
     vocab = original.get_input_embeddings().num_embeddings
     chunks = quality.test_windows(tokenizer, vocab, quality.TEST_TOKENS)
     rows = []
-    for fraction in quality.REMOVED:
+    for fraction, (variant, options), refit in itertools.product(quality.REMOVED, STREAMED.items(), ("none", "down")):
         r = round(n * (1 - fraction))
-        for refit in ("none", "down"):
-            out = work / f"{name}-{r}-{refit}"
-            start = time.perf_counter()
-            reduce_streaming(
-                source.path,
-                out,
-                experts=r,
-                method="ream",
-                refit=refit,
-                calib=str(quality.DATA / "calib_general.jsonl.gz"),
-                calib_samples=quality.CALIB_SAMPLES,
-                calib_seq_len=quality.SEQ_LEN,
-                dtype="float32",
-                progress=False,
-                report=False,
-            )
-            seconds = time.perf_counter() - start
-            method = SEQUENTIAL if refit == "none" else f"{SEQUENTIAL}:refit=down"
-            row = {"model": name, "calibration": "general", "router": "reduce", "method": method, "removed": fraction}
-            row |= {"experts": r} | quality.measure(load_model(out, dtype="float32"), original, source.family, chunks)
-            rows.append(row | {"seconds": seconds})
-            log(f"{name} {method} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
+        out = work / f"{name}-{r}-{len(rows)}"
+        start = time.perf_counter()
+        reduce_streaming(
+            source.path,
+            out,
+            experts=r,
+            refit=refit,
+            **options,
+            calib=str(quality.DATA / "calib_general.jsonl.gz"),
+            calib_samples=quality.CALIB_SAMPLES,
+            calib_seq_len=quality.SEQ_LEN,
+            dtype="float32",
+            progress=False,
+            report=False,
+        )
+        seconds = time.perf_counter() - start
+        label = variant + ("" if refit == "none" else ":refit=down")
+        row = {"model": name, "calibration": "general", "router": "reduce", "method": label, "removed": fraction}
+        row |= {"experts": r} | quality.measure(load_model(out, dtype="float32"), original, source.family, chunks)
+        rows.append(row | {"seconds": seconds})
+        log(f"{name} {label} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
     return rows
 
 
 def markdown(rows: list[dict], models: list[str]) -> str:
-    names = [*METHODS, SEQUENTIAL]
+    names = [*METHODS, *STREAMED]
     lines = [
         "# HC-SMoE against the retraining-free peers",
         "",
         "`python benchmarks/quality/peers.py`. The quality benchmark's settings; mean test perplexity (geometric "
         "mean of the five domains); router `reduce` unless marked grouped; each cell without / with `--refit down`. "
-        "`ream` runs on the original model's statistics, `ream (sequential)` as `reduce --method ream` does.",
+        "`NAME` runs on the original model's statistics, `NAME (sequential)` layer-sequentially; budget search: "
+        "`--budget search`.",
         "",
         "| model | removed | original | " + " | ".join(names) + " | hc-smoe grouped | ream grouped |",
         "|---|---|---|" + "---|" * (len(names) + 2),
@@ -90,13 +96,13 @@ def markdown(rows: list[dict], models: list[str]) -> str:
             text = [" / ".join(f"{r['ppl_mean']:.1f}" for r in pair) for pair in cell.values()]
             lines.append(f"| {model} | {fraction:.0%} | {original:.1f} | " + " | ".join(text) + " |")
             best = {m: min(r["ppl_mean"] for r in pair) for m, pair in cell.items()}
-            ours = min(best["hc-smoe"], best["hc-smoe grouped"])
+            ours = min(v for m, v in best.items() if m.startswith("hc-smoe"))
             peers = min(v for m, v in best.items() if not m.startswith("hc-smoe"))
             cells += 1
             ours_best += ours < peers
     lines += [
         "",
-        f"HC-SMoE (best of its router modes, with or without the refit) beats the best peer in {ours_best} of "
+        f"HC-SMoE (best of its variants, with or without the refit) beats the best peer in {ours_best} of "
         f"{cells} cells.",
     ]
     return "\n".join(lines) + "\n"
@@ -116,7 +122,7 @@ def main() -> None:
             rows += quality.run_model(
                 name, variants, quality.REMOVED, ("general",), quality.CALIB_SAMPLES, quality.TEST_TOKENS, log
             )
-            rows += sequential_ream(name, Path(work), log)
+            rows += streamed_rows(name, Path(work), log)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "peers.csv")
     (args.out / "peers.md").write_text(markdown(rows, models), encoding="utf-8")

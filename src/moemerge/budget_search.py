@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from moemerge.adapters import MoELayerView
+from moemerge.errors import MoemergeError
 from moemerge.options import ReduceOptions
 from moemerge.routing.grouped import install_grouped_routers
 from moemerge.statistics import LayerStatistics
@@ -32,21 +33,26 @@ SEARCH_IN_REDUCE_ONLY = (
 
 @torch.no_grad()
 def layer_errors(view: MoELayerView, stats: LayerStatistics, family, config, options: ReduceOptions) -> torch.Tensor:
-    """[n - top_k + 1] float64: e(c) for c = top_k .. n (e(n) = 0) of one MoE layer, its block left unchanged."""
+    """[n - top_k + 1] float64: e(c) for c = top_k .. n (e(n) = 0; inf for a count the method cannot make) of one
+    MoE layer, its block left unchanged."""
     from moemerge.pipeline import merge_layer, plan_groups
 
     top_k, n = family.routing_rule(config).top_k, view.num_experts
     x = stats.router_inputs
     if x is None:
         raise ValueError("--budget search needs the router_inputs statistic")
-    weight = view.router_weight
-    x = x.to(device=weight.device, dtype=weight.dtype)[None]
+    down = view.block.experts.down_proj  # the block's inputs come in the experts' dtype
+    x = x.to(device=down.device, dtype=down.dtype)[None]
     original = view.block(x).double()
     errors = torch.zeros(n - top_k + 1, dtype=torch.float64)
     uniform = options.replace(budget="uniform")
     for count in range(top_k, n):
+        try:
+            groups = plan_groups({view.layer: stats}, family, config, count, uniform)[view.layer]
+        except MoemergeError:  # a count the method cannot make (ream: groups too small to hold every expert)
+            errors[count - top_k] = torch.inf
+            continue
         trial = MoELayerView(view.layer, copy.deepcopy(view.block), view.routing)
-        groups = plan_groups({view.layer: stats}, family, config, count, uniform)[view.layer]
         router = merge_layer(trial, groups, stats, *options.merging, options.align, options.refit, options.router)
         if options.router == "grouped":
             install_grouped_routers([trial], {view.layer: router}, {view.layer: groups}, top_k)

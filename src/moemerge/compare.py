@@ -39,6 +39,7 @@ from moemerge.output_files import atomic_output, check_output
 from moemerge.pipeline import (
     apply_groups,
     check_budget,
+    check_method,
     check_uniform_source,
     compress_experts,
     compression_rank,
@@ -139,6 +140,7 @@ def compare(
         target_experts(n, r, None)
         for v in variants:
             check_budget(source.family, config, r, v.options.budget, router)
+            check_method(source.family, config, r, v.options)
     calibrating = (calib, calib_samples, calib_seq_len, seed)
     windows = (data, max_tokens, seq_len)
     whole = whole_model_reason([source], tasks)

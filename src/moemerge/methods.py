@@ -20,6 +20,7 @@ import torch
 
 from moemerge.grouping import (
     SoftGroups,
+    check_capacity,
     expert_features,
     fcm_memberships,
     hierarchical_labels,
@@ -45,6 +46,9 @@ class Method:
     preset: options its name fixes, whatever else was asked (:meth:`ReduceOptions.effective`).
     compresses: its merged experts are then compressed to low-rank plus sparse (:mod:`moemerge.merging.low_rank`).
     sequential: ``reduce`` collects each layer's statistics from the already-reduced layers (as ``--sequential``).
+    clusters: it groups with ``--cluster`` (so ``--cluster fcm`` makes soft groups).
+    check: (routing blocks [(expert ids, groups)], options) -> None, raising MoemergeError for a count the method
+        cannot make; run before any work.
     """
 
     choose: Callable[[LayerStatistics, list[int], int, ReduceOptions], list[list[int]]]
@@ -52,6 +56,8 @@ class Method:
     preset: Mapping[str, str] = field(default_factory=dict)
     compresses: bool = False
     sequential: bool = False
+    clusters: bool = False
+    check: Callable[[list[tuple[list[int], int]], ReduceOptions], None] | None = None
 
     def __call__(self, stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions):
         return self.choose(stats, experts, r, options)
@@ -92,7 +98,7 @@ def _fcm(features: np.ndarray, counts: np.ndarray, r: int, options: ReduceOption
     return fcm_memberships(features, r, options.distance, options.seed)
 
 
-@method("hc-smoe")
+@method("hc-smoe", clusters=True)
 def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """HC-SMoE: cluster the experts by ``options.metric`` features (default: mean outputs o_j) into exactly r
     groups with ``options.cluster`` (default: hierarchical, average linkage, Euclidean).
@@ -107,7 +113,7 @@ def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceO
     return labels_to_groups(assignment, ids=experts)
 
 
-@method("m-smoe", preset=M_SMOE_GROUPING)
+@method("m-smoe", preset=M_SMOE_GROUPING, clusters=True)
 def m_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """M-SMoE (Li et al. 2024) without its fine-tuning: the r most frequently selected experts are dominant, and
     every other expert joins the dominant whose router logits over all calibration tokens are most similar
@@ -195,11 +201,17 @@ def o_prune(stats: LayerStatistics, experts: list[int], r: int, options: ReduceO
     return [[j] for j in sorted(best)]
 
 
+def _ream_capacity(blocks: list[tuple[list[int], int]], options: ReduceOptions) -> None:
+    for ids, share in blocks:
+        check_capacity(len(ids), share, options.ream_group_size)
+
+
 @method(
     "ream",
     needs=("gated_mean_output", "router_logit_features"),
     preset={"merge": "saliency", "router_rows": "saliency"},
     sequential=True,
+    check=_ream_capacity,
 )
 def ream(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """REAM (Samsung SAIL Montreal 2026): the r experts of highest REAP saliency lead the groups, each taking its
@@ -210,7 +222,7 @@ def ream(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOpti
     return pseudo_groups(stats.reap, similarity, experts, r, options.ream_group_size)
 
 
-@method("mc-smoe", preset=M_SMOE_GROUPING, compresses=True)
+@method("mc-smoe", preset=M_SMOE_GROUPING, compresses=True, clusters=True)
 def mc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """MC-SMoE (Li et al. 2024) without its distillation: M-SMoE's groups; the pipeline then compresses every
     merged expert to low-rank plus sparse (``--rank``, ``--sparsity``)."""

@@ -121,7 +121,7 @@ class ReduceOptions:
     @property
     def soft_groups(self) -> bool:
         """Whether the method groups experts by memberships (fuzzy c-means)."""
-        return self.effective_option("cluster") == "fcm" and not resolve("method", self.method).prunes
+        return self.effective_option("cluster") == "fcm" and resolve("method", self.method).clusters
 
     def _check_types(self) -> None:
         """``True`` is not a number, 2 is a float."""
@@ -171,6 +171,11 @@ class ReduceOptions:
             raise MoemergeError(
                 "--cluster fcm puts every expert in every group by a membership, and grouped routing needs each "
                 "expert in one group; use --router reduce"
+            )
+        if self.soft_groups and self.merging[1] == "saliency":
+            raise MoemergeError(
+                "--router-rows saliency keeps each group's most salient member's row, but --cluster fcm puts every "
+                "expert in every group, so every row would be the same; use --router-rows lse or frequency"
             )
         if self.soft_groups and self.align:
             raise MoemergeError(

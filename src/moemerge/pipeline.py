@@ -144,7 +144,10 @@ def experts_per_layer(
     top_k = family.routing_rule(config).top_k
     if budget == "search":
         if any(s.budget_errors is None for s in stats.values()):
-            raise ValueError("--budget search needs every layer's budget_errors (moemerge.budget_search)")
+            raise MoemergeError(
+                "--budget search needs every layer's budget_errors, which moemerge reduce computes "
+                "(moemerge.budget_search.layer_errors)"
+            )
         return searched_budgets({layer: s.budget_errors for layer, s in stats.items()}, r, top_k)
     score = {layer: getattr(s, BUDGET_SCORES[budget]) for layer, s in stats.items()}
     return layer_budgets(score, r, top_k)
@@ -167,6 +170,14 @@ def check_budget(family: MoEFamily, config, r: int, budget: str, router: str = "
             f"--budget {budget} keeps at least top-k ({top_k}) experts in every layer, so --experts {r} (the average) "
             f"must be at least {top_k}; use --budget uniform for fewer"
         )
+
+
+def check_method(family: MoEFamily, config, r: int, options: ReduceOptions) -> None:
+    """Raise MoemergeError if ``options.method`` cannot reduce every layer to r experts (its ``check``; uniform
+    budgets only: other budgets' counts are known after calibration, where the method checks them itself)."""
+    check = resolve("method", options.method).check
+    if check is not None and options.budget == "uniform":
+        check(family.partitions(config, r, check_top_k=options.router == "reduce"), options)
 
 
 def check_layer_groups(family: MoEFamily, config, groups: dict[int, list[list[int]]], router: str = "reduce") -> None:
@@ -387,6 +398,7 @@ def prepare(
     n = source.family.num_experts(config)
     r = target_experts(n, o.experts, o.ratio)
     check_budget(source.family, config, r, o.budget, o.router)
+    check_method(source.family, config, r, o)
     check_calibration_size(o.calib_samples, o.calib_seq_len, config.max_position_embeddings)
     identity = model_identity(source, config)
     storage = model_dtype(config, storage_option)

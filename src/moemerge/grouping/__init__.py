@@ -6,7 +6,7 @@ from moemerge.grouping.fuzzy import fcm_memberships
 from moemerge.grouping.groups import SoftGroups, labels_to_groups
 from moemerge.grouping.hierarchical import DISTANCES, LINKAGES, check_linkage, hierarchical_labels
 from moemerge.grouping.kmeans import KMEANS_INITS, kmeans_labels
-from moemerge.grouping.ream import GROUP_SIZE, pseudo_groups, ream_similarity
+from moemerge.grouping.ream import GROUP_SIZE, check_capacity, pseudo_groups, ream_similarity
 from moemerge.grouping.single_shot import single_shot_labels
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "LINKAGES",
     "METRICS",
     "SoftGroups",
+    "check_capacity",
     "check_linkage",
     "expert_features",
     "fcm_memberships",

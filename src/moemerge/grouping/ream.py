@@ -32,6 +32,16 @@ def ream_similarity(gated_outputs: torch.Tensor, logit_features: torch.Tensor) -
     return (output + router) / 2
 
 
+def check_capacity(n: int, r: int, group_size: int) -> None:
+    """Raise MoemergeError unless r groups of at most ``group_size`` experts can hold n experts."""
+    if r * group_size < n:
+        raise MoemergeError(
+            f"ream: {r} groups of at most {group_size} experts cannot hold {n} experts; give a group size "
+            f"(--ream-group-size, or ream_group_size= in compare --methods) of {-(-n // r)} or more, or keep more "
+            "experts"
+        )
+
+
 def pseudo_groups(
     saliency: torch.Tensor, similarity: torch.Tensor, experts: list[int], r: int, group_size: int
 ) -> list[list[int]]:
@@ -40,11 +50,7 @@ def pseudo_groups(
 
     Raises MoemergeError when r groups of ``group_size`` cannot hold every expert.
     """
-    if r * group_size < len(experts):
-        raise MoemergeError(
-            f"ream: {r} groups of at most --ream-group-size {group_size} experts cannot hold {len(experts)} experts; "
-            f"give --ream-group-size {-(-len(experts) // r)} or more, or keep more experts"
-        )
+    check_capacity(len(experts), r, group_size)
     centres = sorted(experts, key=lambda j: (-float(saliency[j]), j))[:r]
     unassigned = [j for j in experts if j not in centres]
     groups = []

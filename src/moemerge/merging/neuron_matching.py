@@ -110,7 +110,7 @@ def match_groups(
             continue
         active.sort(key=lambda m: (-float(a[m]), group[m]))
         tokens = routed[:, group].any(dim=1)
-        x = (inputs[tokens] if int(tokens.sum()) >= MIN_TOKENS else inputs).float()
+        x = (inputs[tokens] if int(tokens.sum()) >= MIN_TOKENS else inputs).to(gate.device, torch.float32)
         acts = [intermediate_activations(gate[group[m]].float(), up[group[m]].float(), act_fn, x) for m in active]
         found = match(acts, a[active])
         unit = torch.arange(gate.shape[1]).repeat(len(group), 1)

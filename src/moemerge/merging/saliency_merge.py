@@ -42,7 +42,7 @@ def hungarian_units(acts: list[torch.Tensor], alphas: torch.Tensor) -> torch.Ten
     centre = unit_columns(acts[0])
     units = [torch.arange(centre.shape[0])]
     for act in acts[1:]:
-        rows, cols = linear_sum_assignment(torch.cdist(centre, unit_columns(act)).numpy())
+        rows, cols = linear_sum_assignment(torch.cdist(centre, unit_columns(act)).cpu().numpy())
         into = torch.empty(len(cols), dtype=torch.int64)
         into[torch.as_tensor(cols)] = torch.as_tensor(rows)
         units.append(into)

@@ -146,8 +146,8 @@ def _gated_act_sum(chunk: Chunk) -> torch.Tensor:
     """[n, I] float64 sums over the chunk's tokens of p_j(x) act_j(x), p the router's probabilities or scores."""
     sequence = chunk.sequence
     logits = sequence.logits[chunk.start : chunk.start + len(chunk.act)]
-    probs = sequence.accumulator.view.routing.scores(logits).to(chunk.act)
-    return (chunk.act * probs[:, :, None]).sum(0, dtype=torch.float64)
+    probs = sequence.accumulator.view.routing.scores(logits)
+    return (chunk.act.float() * probs[:, :, None]).sum(0, dtype=torch.float64)
 
 
 def _routed_output_norms(chunk: Chunk):
