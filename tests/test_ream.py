@@ -188,17 +188,23 @@ def test_saliency_weights_are_normalised_reap_with_zeros_lifted():
     torch.testing.assert_close(saliency_weights(stats, [0, 1, 2]), torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
+def merged_pairs(model, family: str):
+    """(statistics, groups {layer: experts (2i, 2i + 1)}, [(original view, merged view)] per MoE layer): a copy of
+    ``model`` merged pairwise by the saliency merge and router rows."""
+    adapter = ADAPTERS[family]
+    stats = statistics_of(model, family)
+    merged = copy.deepcopy(model)
+    groups = {layer: [[a, a + 1] for a in range(0, 8, 2)] for layer in stats}
+    apply_groups(merged, adapter, stats, groups, "saliency", "saliency")
+    return stats, groups, list(zip(adapter.moe_layers(model), adapter.moe_layers(merged), strict=True))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_neuron_permuted_copy_merges_back_into_its_centre(family):
     """Experts 2i + 1 are neuron-permuted copies of 2i: the saliency merge of each pair is the pair's centre (its
     more salient member) up to float rounding, and the router row and selection bias are the centre's exactly."""
-    model = plant_permuted_copies(tiny_model(family))
-    adapter = ADAPTERS[family]
-    stats = statistics_of(model, family)
-    before = copy.deepcopy(model)
-    groups = {layer: [[a, a + 1] for a in range(0, 8, 2)] for layer in stats}
-    apply_groups(model, adapter, stats, groups, "saliency", "saliency")
-    for old, new in zip(adapter.moe_layers(before), adapter.moe_layers(model), strict=True):
+    stats, groups, pairs = merged_pairs(plant_permuted_copies(tiny_model(family)), family)
+    for old, new in pairs:
         reap = stats[old.layer].reap
         for k, (a, b) in enumerate(groups[old.layer]):
             centre = a if reap[a] >= reap[b] else b
@@ -214,13 +220,8 @@ def test_saliency_merge_of_two_different_experts_equals_a_recomputation(family):
     """Merging two different experts: centre = the higher REAP saliency; the other member's neurons permuted by
     scipy's assignment on unit-length activation columns over all sampled tokens (numpy); the merge is the
     saliency-weighted sum of the centre and the permuted member."""
-    model = tiny_model(family)
-    adapter = ADAPTERS[family]
-    stats = statistics_of(model, family)
-    before = copy.deepcopy(model)
-    groups = {layer: [[a, a + 1] for a in range(0, 8, 2)] for layer in stats}
-    apply_groups(model, adapter, stats, groups, "saliency", "saliency")
-    for old, new in zip(adapter.moe_layers(before), adapter.moe_layers(model), strict=True):
+    stats, groups, pairs = merged_pairs(tiny_model(family), family)
+    for old, new in pairs:
         x = stats[old.layer].router_inputs.double()
         reap = stats[old.layer].reap.double()
         gate, up, down = (w.detach().double() for w in old.expert_weights())
