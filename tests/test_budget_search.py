@@ -103,7 +103,9 @@ def test_reduce_budget_search_picks_the_least_total_error_allocation(family, tmp
     argv = ["reduce", src, "--experts", R, "--budget", "search", "--out", out, "--calib", calib, "--no-report"]
     code, _, err = run_cli([*argv, "--calib-samples", SAMPLES, "--calib-seq-len", SEQ_LEN, "--quiet"], capfd)
     assert code == 0, err
-    kept = {e["layer"]: len(e["groups"]) for e in json.loads((out / "moemerge.json").read_text())["layers"]}
+    meta = json.loads((out / "moemerge.json").read_text())
+    assert meta["parameters"]["budget"] == "search" and meta["parameters"]["sequential"] is False
+    kept = {e["layer"]: len(e["groups"]) for e in meta["layers"]}
     model, _ = load_source(inspect_source(src), dtype="float32")
     adapter = ADAPTERS[family]
     options = ReduceOptions(budget="search")

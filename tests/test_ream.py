@@ -261,7 +261,10 @@ def test_reduce_runs_ream_layer_sequentially(family, tmp_path, capfd):
     argv = ["reduce", src, "--experts", R, "--method", "ream", "--ream-group-size", 3, "--out", out, "--calib", calib]
     code, _, err = run_cli([*argv, "--calib-samples", SAMPLES, "--calib-seq-len", SEQ_LEN, "--no-report"], capfd)
     assert code == 0, err
-    layers = {e["layer"]: e["groups"] for e in json.loads((out / "moemerge.json").read_text())["layers"]}
+    meta = json.loads((out / "moemerge.json").read_text())
+    assert meta["parameters"]["sequential"] is True
+    assert (meta["parameters"]["merge"], meta["parameters"]["router_rows"]) == ("saliency", "saliency")
+    layers = {e["layer"]: e["groups"] for e in meta["layers"]}
     first, second = sorted(layers)
 
     original = AutoModelForCausalLM.from_pretrained(src).eval()

@@ -1,7 +1,8 @@
 """HC-SMoE against the retraining-free peers (REAP, MAN, MSAN, REAM), each with and without ``--refit down``.
 
 Usage: ``python benchmarks/quality/peers.py [--models NAME ...] [--out DIR]`` (default: every benchmark model,
-``benchmarks/results/quality``; writes ``peers.md`` and ``peers.csv``). The quality benchmark's settings
+``benchmarks/results/quality``; writes ``peers.md`` and ``peers.csv`` after each model, replacing that model's
+earlier rows and keeping the other models'). The quality benchmark's settings
 (``run.py``: 256 x 256 general calibration tokens, the first 4,096 test tokens of each domain, 25 / 50 / 75 %
 removed). Every method runs on one calibration pass of the original model (both router modes for the merging
 methods). HC-SMoE and REAM also run layer-sequentially (``NAME (sequential)``: every layer's statistics from the
@@ -12,6 +13,7 @@ already-reduced layers, as ``reduce --sequential`` and ``reduce --method ream`` 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import itertools
 import tempfile
@@ -108,6 +110,16 @@ def markdown(rows: list[dict], models: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a peers.csv written before (numbers as floats, text as text)."""
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = ("model", "calibration", "router", "method")
+    return [{k: v if k in text else float(v) for k, v in row.items()} for row in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="names under benchmarks/models (default: all)")
@@ -116,17 +128,18 @@ def main() -> None:
     models = args.models or sorted(p.parent.name for p in quality.MODELS.glob("*/card.json"))
     variants = [v for m in METHODS for v in (m, f"{m}:refit=down")]
     log = lambda line: print(line, flush=True)  # noqa: E731
-    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        for name in models:
-            rows += quality.run_model(
+        for name in models:  # each model's rows replace its earlier ones, written as soon as they are measured
+            rows = quality.run_model(
                 name, variants, quality.REMOVED, ("general",), quality.CALIB_SAMPLES, quality.TEST_TOKENS, log
             )
             rows += streamed_rows(name, Path(work), log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "peers.csv")
-    (args.out / "peers.md").write_text(markdown(rows, models), encoding="utf-8")
-    print(f"wrote {args.out}/peers.md")
+            rows = [r for r in read_rows(args.out / "peers.csv") if r["model"] != name] + rows
+            write_csv(rows, args.out / "peers.csv")
+            done = sorted({r["model"] for r in rows})
+            (args.out / "peers.md").write_text(markdown(rows, done), encoding="utf-8")
+            log(f"wrote {args.out}/peers.md")
 
 
 if __name__ == "__main__":

@@ -346,7 +346,8 @@ class Prepared:
     """Everything :func:`reduce_in_memory` knows after calibration, before it groups experts: the checked options, the
     source model and its identity (:func:`moemerge.checkpoint.identity.model_identity`), the loaded model (held in
     ``compute_dtype``; ``stored_dtypes`` are its tensors' dtypes on disk, see :mod:`moemerge.precision`) and its
-    calibration statistics."""
+    calibration statistics. ``sequential``: each layer's statistics come from the already-reduced layers (set by
+    the streaming driver)."""
 
     model_arg: str | Path
     options: ReduceOptions
@@ -362,6 +363,7 @@ class Prepared:
     compute_dtype: torch.dtype
     stored_dtypes: dict[str, torch.dtype]
     start: float
+    sequential: bool = False
 
 
 def prepare(
@@ -543,7 +545,7 @@ def reduction_metadata(
 ) -> dict:
     """``moemerge.json``: method, options, source, calibration, package versions and the layers' groups."""
     o, source = run.options, run.source
-    parameters = o.effective().as_dict() | {"experts": run.r, "rank": run.rank}
+    parameters = o.effective().as_dict() | {"experts": run.r, "rank": run.rank, "sequential": run.sequential}
     del parameters["method"], parameters["router"]  # recorded beside the parameters
     meta = {
         "format_version": 1,

@@ -161,7 +161,7 @@ def reduce_prepared(
             f"first merge, and {which} collects each layer's statistics after the layers before it are reduced; "
             f"use --budget uniform{'' if method_sequential else ' or drop --sequential'}"
         )
-    sequential = sequential or method_sequential
+    sequential = run.sequential = sequential or method_sequential
     rank_id, world = rank_and_world()
     out = Path(out)
     stream = LayerStream(run.source, config, o.dtype, o.device)
