@@ -30,6 +30,7 @@ EXPECTED = {  # name: (transformers class, routed experts, top-k, shared expert 
     "mixtral-upcycled": ("MixtralForCausalLM", 8, 2, None, 0),
     "qwen2moe-upcycled": ("Qwen2MoeForCausalLM", 32, 4, "shared_expert", 0),
     "olmoe-scratch": ("OlmoeForCausalLM", 16, 2, None, 0),
+    "deepseek-scratch": ("DeepseekV3ForCausalLM", 32, 4, "shared_experts", 1),
 }
 MAX_BYTES = 25 * 1024 * 1024
 
@@ -162,6 +163,16 @@ def test_expert_usage_matches_the_card_and_no_expert_takes_most_tokens(trained):
     assert torch.allclose(shares, torch.tensor(card["check"]["expert_usage"], dtype=torch.float64), atol=0.002)
     assert (counts.double() / tokens).max() < 0.5, f"{name}: an expert takes most tokens of a layer"
     assert (counts > 0).all(), f"{name}: an expert is never used"
+
+
+def test_deepseek_selection_bias_was_trained_by_the_balancing_rule():
+    """deepseek-scratch's selection biases (one per MoE layer, read from the checkpoint) are far from their zero
+    start: the aux-loss-free balancing moved them (largest |bias| above 0.01, spread above 0.001 in every layer)."""
+    config = json.loads((MODELS / "deepseek-scratch" / "config.json").read_text())
+    biases = selection_biases(MODELS / "deepseek-scratch")
+    assert len(biases) == config["num_hidden_layers"] - config["first_k_dense_replace"]
+    for layer, bias in enumerate(biases):
+        assert bias.abs().max() > 0.01 and bias.float().std() > 0.001, (layer, bias)
 
 
 def test_quality_benchmark_smoke_run(tmp_path):
