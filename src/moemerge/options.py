@@ -53,7 +53,8 @@ class ReduceOptions:
     merge, align: how a group becomes one expert; rank, sparsity, param_budget: mc-smoe's compression.
     router, router_rows: the router mode and how reduced router rows are built.
     refit: what is refit in closed form after merging (:mod:`moemerge.merging.refit`).
-    ream_group_size: ream's C, the most experts one group takes; oprune_budget: o-prune's subset budget; budget: experts per layer (uniform or by a global score).
+    ream_group_size: ream's C, the most experts one group takes; oprune_budget: o-prune's subset budget.
+    budget: experts per layer (uniform, by a global score, or searched: :mod:`moemerge.budget_search`).
     calib, calib_samples, calib_seq_len: calibration text and size; device, dtype: where and in what the model is
         loaded; seed: calibration sample, k-means and o-prune's random subsets.
     """
