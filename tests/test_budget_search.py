@@ -60,6 +60,12 @@ def rows() -> list[list[int]]:
     return [torch.randint(0, VOCAB, (SEQ_LEN,), generator=g).tolist() for _ in range(SAMPLES)]
 
 
+def statistics(model, family: str, options: ReduceOptions) -> dict:
+    """Every MoE layer's statistics on :func:`rows`, those ``options`` need included."""
+    views = ADAPTERS[family].moe_layers(model)
+    return collect_statistics(model, views, [torch.tensor(r) for r in rows()], options.statistics(), progress=False)
+
+
 def oracle_errors(model, family: str, stats, router: str = "reduce") -> dict[int, list[float]]:
     """Per MoE layer, [e(c) for c = top-k .. n]: mean over the captured block inputs of the squared L2 distance
     between the block of a uniformly reduced copy (its router mode installed) and the original block."""
@@ -109,8 +115,7 @@ def test_reduce_budget_search_picks_the_least_total_error_allocation(family, tmp
     model, _ = load_source(inspect_source(src), dtype="float32")
     adapter = ADAPTERS[family]
     options = ReduceOptions(budget="search")
-    sequences = [torch.tensor(r) for r in rows()]
-    stats = collect_statistics(model, adapter.moe_layers(model), sequences, options.statistics(), progress=False)
+    stats = statistics(model, family, options)
     errors = oracle_errors(model, family, stats)
     for view in adapter.moe_layers(model):
         got = layer_errors(view, stats[view.layer], adapter, model.config, options)
@@ -127,8 +132,7 @@ def test_layer_errors_with_grouped_routing_equal_the_recomputation():
     model = tiny_model("olmoe")
     adapter = ADAPTERS["olmoe"]
     options = ReduceOptions(budget="search", router="grouped")
-    sequences = [torch.tensor(r) for r in rows()]
-    stats = collect_statistics(model, adapter.moe_layers(model), sequences, options.statistics(), progress=False)
+    stats = statistics(model, "olmoe", options)
     errors = oracle_errors(model, "olmoe", stats, "grouped")
     assert errors != oracle_errors(model, "olmoe", stats)
     for view in adapter.moe_layers(model):
@@ -140,8 +144,7 @@ def test_layer_errors_leave_the_block_unchanged_and_vanish_at_n():
     model = tiny_model("mixtral")
     adapter = ADAPTERS["mixtral"]
     options = ReduceOptions(budget="search")
-    sequences = [torch.tensor(r) for r in rows()]
-    stats = collect_statistics(model, adapter.moe_layers(model), sequences, options.statistics(), progress=False)
+    stats = statistics(model, "mixtral", options)
     view = adapter.moe_layers(model)[0]
     before = {k: v.clone() for k, v in view.block.state_dict().items()}
     errors = layer_errors(view, stats[view.layer], adapter, model.config, options)
