@@ -44,7 +44,7 @@ VARIANTS = {
     "o-prune:oprune_budget=20": {"method": "o-prune", "oprune_budget": 20},
     "reap:refit=down": {"method": "reap", "refit": "down"},
 }
-GROUPED_VARIANTS = {"hc-smoe": {}, "m-smoe": {"method": "m-smoe"}}
+GROUPED_VARIANTS = {"hc-smoe": {}, "m-smoe": {"method": "m-smoe"}, "mone": {"method": "mone"}}
 PPL_REL = 1e-6  # the float32 loss vs the float64 oracle loop differ by ~2e-7; grid rows differ by over 10x this
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_SIZE = (768, 504)  # the plots are 6.4 x 4.2 inches at 120 dpi
@@ -466,7 +466,7 @@ def test_failure_mid_grid_leaves_no_output(work, tmp_path, monkeypatch):
         ("bad-value", "wrd"),
         ("experts-n", f"--experts {N}"),
         ("experts-0", "--experts 0"),
-        ("prune-grouped", "f-prune"),
+        ("novices-reduce", "mone"),
         ("missing-data", "absent.txt"),
     ],
 )
@@ -478,7 +478,7 @@ def test_cli_errors(work, tmp_path, capfd, case, named):
         "bad-value": ["--methods", "hc-smoe:linkage=wrd", "--experts", "4"],
         "experts-n": ["--methods", "hc-smoe", "--experts", "4", N],
         "experts-0": ["--methods", "hc-smoe", "--experts", "0", "4"],
-        "prune-grouped": ["--methods", "hc-smoe", "f-prune", "--experts", "4", "--router", "grouped"],
+        "novices-reduce": ["--methods", "hc-smoe", "mone", "--experts", "4"],
         "missing-data": ["--methods", "hc-smoe", "--experts", "4", "--data", tmp_path / "absent.txt"],
     }[case]
     out = tmp_path / "out"

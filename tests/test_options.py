@@ -16,12 +16,17 @@ from moemerge import MoemergeError, apply_groups, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
 from moemerge.options import ReduceOptions
 from moemerge.pipeline import statistics_needs
-from moemerge.registry import names
+from moemerge.registry import names, resolve
 from moemerge.statistics import collect_statistics
 
-# one option set per registered name of every kind that declares statistics; the rest default
+# one option set per registered name of every kind that declares statistics (with the router mode a method needs),
+# and pruning with grouped routing (novices); the rest default
 CHOICES = (
-    [{"method": m} for m in names("method")]
+    [
+        {"method": m} | ({"router": resolve("method", m).router} if resolve("method", m).router else {})
+        for m in names("method")
+    ]
+    + [{"method": "reap", "router": "grouped"}]
     + [{"metric": m} for m in names("metric")]
     + [{"merge": m} for m in names("merge")]
     + [{"router_rows": m} for m in names("router-rows")]
@@ -38,10 +43,10 @@ def run_choice(options: ReduceOptions, needs: frozenset[str]) -> None:
     stats = collect_statistics(model, family.moe_layers(model), sequences, needs, progress=False)
     groups = plan_groups(stats, family, model.config, 4, options)
     o = options
-    apply_groups(copy.deepcopy(model), family, stats, groups, *o.merging, align=o.align, refit=o.refit)
+    apply_groups(copy.deepcopy(model), family, stats, groups, *o.merging, align=o.align, refit=o.refit, router=o.router)
 
 
-@pytest.mark.parametrize("settings", CHOICES, ids=lambda s: "=".join(*s.items()))
+@pytest.mark.parametrize("settings", CHOICES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
     """Sufficient: with statistics_needs of the options, grouping and merging run. Necessary: leaving out any one
     optional statistic it asks for makes them fail (router rows default to frequency, which reads none, so each
@@ -50,7 +55,8 @@ def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
     needs = statistics_needs([options])
     run_choice(options, needs)
     if settings in ({"method": "o-prune"}, {"metric": "router-logits"}, {"metric": "weight"}, {"merge": "fix-dom"},
-                    {"merge": "zipit"}, {"router_rows": "lse"}, {"refit": "down"}):  # fmt: skip
+                    {"merge": "zipit"}, {"router_rows": "lse"}, {"refit": "down"},
+                    {"method": "reap", "router": "grouped"}):  # fmt: skip
         assert needs, settings
     for name in needs:
         with pytest.raises(ValueError):
@@ -70,7 +76,7 @@ def test_declared_statistics_are_exactly_what_each_choice_reads(settings):
         ({"budget": "global"}, "unknown budget 'global'"),
         ({"oprune_budget": 0}, "--oprune-budget 0 must be at least 1"),
         ({"ream_group_size": 0}, "--ream-group-size 0 must be at least 1"),
-        ({"method": "f-prune", "router": "grouped"}, "keeps whole experts"),
+        ({"method": "mone"}, "add --router grouped"),
         ({"cluster": "fcm", "router": "grouped"}, "--cluster fcm"),
         ({"cluster": "fcm", "align": True}, "drop --align"),
         ({"cluster": "fcm", "router_rows": "saliency"}, "--router-rows saliency"),

@@ -1,4 +1,4 @@
-"""Pruning methods (F-prune, S-prune, REAP, MAN, MSAN, O-prune) against oracles: each family's own router and MoE block forward.
+"""Pruning methods (F-prune, S-prune, REAP, MAN, MSAN, MoNE, O-prune) against oracles: each family's own router and MoE block forward.
 
 The oracles here never read a method's answer back: routing comes from the model's own ``block.gate``, O-prune's
 objective from the model's own MoE block forward on a copy with the experts sliced away (or, for DeepSeek's
@@ -40,8 +40,10 @@ PRUNING_METHODS = (
     "reap",
     "man",
     "msan",
+    "mone",
     "o-prune",
 )  # the methods that keep whole experts (their papers)
+NOVICE_STATS = {"routed_mean_output", "routing_weight_mean"}
 
 N, R = 8, 4
 SAMPLES, SEQ_LEN = 2, 32
@@ -54,6 +56,7 @@ SCORE_OF = {
     "reap": "reap",
     "man": "activation_norm",
     "msan": "activation_sq_norm",
+    "mone": "mone",
 }
 # no report: the report's tests are in test_report.py
 SMALL_CALIB = ["--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-report"]
@@ -61,6 +64,11 @@ SMALL_CALIB = ["--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ_LEN),
 
 def blocks_of(family: str) -> list[list[int]]:
     return BLOCKS.get(family, [list(range(N))])
+
+
+def router_for(method: str) -> str:
+    """The router mode a method is planned with here: mone needs the original router (its novices)."""
+    return "grouped" if method == "mone" else "reduce"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ def calibrated(family: str):
         model,
         adapter.moe_layers(model),
         [torch.tensor(r) for r in rows],
-        OUTPUTS | {"activation_norm", "activation_sq_norm"},
+        OUTPUTS | NOVICE_STATS | {"activation_norm", "activation_sq_norm"},
         router_sample=T,
         output_sample=T,
         progress=False,
@@ -209,9 +217,11 @@ def assert_argmin(chosen: tuple[int, ...], errors: dict[tuple[int, ...], float],
 
 @functools.cache
 def oracle_statistics(family: str, layer: int) -> dict[str, torch.Tensor]:
-    """counts / prob_sum / reap / activation_norm / activation_sq_norm of one layer recomputed in float64 from the
-    captured block inputs: routing by the model's own gate, probabilities from softmax (sigmoid for DeepSeek) of
-    x W^T, E_j(x) from plain torch."""
+    """counts / prob_sum / reap / activation_norm / activation_sq_norm / routed_mean_output / routing_weight_mean
+    and MoNE's score of one layer recomputed in float64 from the captured block inputs: routing by the model's own
+    gate, probabilities from softmax (sigmoid for DeepSeek) of x W^T, E_j(x) from plain torch; MoNE's score is
+    the root of the mean squared distance of j's routed outputs from their mean, times j's summed routing weight
+    over T."""
     model, inputs, _ = calibrated(family)
     block = moe_blocks(model)[layer]
     x = inputs[layer]
@@ -224,15 +234,22 @@ def oracle_statistics(family: str, layer: int) -> dict[str, torch.Tensor]:
     reap_sum = torch.zeros(N, dtype=torch.float64)
     norm_sum = torch.zeros(N, dtype=torch.float64)
     sq_norm_sum = torch.zeros(N, dtype=torch.float64)
+    routed_mean = torch.zeros(N, x.shape[1], dtype=torch.float64)
+    spread = torch.zeros(N, dtype=torch.float64)
+    weight_sum = torch.zeros(N, dtype=torch.float64)
     for j in range(N):
         token, slot = (ids == j).nonzero(as_tuple=True)
         counts[j] = len(token)
         if len(token):
             with torch.no_grad():
-                norms = expert_output(block, j, x[token]).norm(dim=-1)
+                outputs = expert_output(block, j, x[token])
+            norms = outputs.norm(dim=-1)
             reap_sum[j] = (g[token, slot] * norms).sum()
             norm_sum[j] = norms.double().sum()
             sq_norm_sum[j] = (norms.double() ** 2).sum()
+            routed_mean[j] = outputs.mean(0)
+            spread[j] = (outputs - routed_mean[j]).square().sum(-1).mean().sqrt()
+            weight_sum[j] = weights[token, slot].double().sum()
     per_token = counts.clamp(min=1)
     return {
         "counts": counts,
@@ -240,6 +257,9 @@ def oracle_statistics(family: str, layer: int) -> dict[str, torch.Tensor]:
         "reap": reap_sum / per_token,
         "activation_norm": norm_sum / per_token,
         "activation_sq_norm": sq_norm_sum / per_token,
+        "routed_mean_output": routed_mean,
+        "routing_weight_mean": weight_sum / len(x),
+        "mone": spread * weight_sum / len(x),
     }
 
 
@@ -447,17 +467,20 @@ def test_statistics_equal_independent_recomputation(family):
         assert torch.equal(layer_stats.counts, oracle["counts"])
         assert int(oracle["counts"].sum()) == T * 2
         torch.testing.assert_close(layer_stats.prob_sum, oracle["prob_sum"], rtol=1e-5, atol=1e-5)
-        for name in ("reap", "activation_norm", "activation_sq_norm"):
+        for name in ("reap", "activation_norm", "activation_sq_norm", "routing_weight_mean"):
             torch.testing.assert_close(getattr(layer_stats, name), oracle[name], rtol=1e-4, atol=1e-6)
+        routed_mean = layer_stats.routed_mean_output.double()
+        torch.testing.assert_close(routed_mean, oracle["routed_mean_output"], rtol=1e-4, atol=1e-6)
         assert torch.equal(layer_stats.router_inputs, inputs[layer])
 
 
 @pytest.mark.parametrize("method", list(SCORE_OF))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_highest_methods_keep_highest_recomputed_score(family, method):
-    """f-prune / s-prune / reap / man / msan keep, per routing block, the brute-force top-r of the recomputed count / prob / REAP."""
+    """f-prune / s-prune / reap / man / msan / mone keep, per routing block, the brute-force top-r of the recomputed
+    count / prob / REAP / norms / MoNE score."""
     model, _, stats = calibrated(family)
-    plan = plan_groups(stats, ADAPTERS[family], model.config, R, method=method)
+    plan = plan_groups(stats, ADAPTERS[family], model.config, R, method=method, router=router_for(method))
     for layer in stats:
         assert plan[layer] == [[j] for j in expected_kept(family, method, layer)]
 
@@ -482,7 +505,10 @@ def test_o_prune_error_not_above_other_pruning_methods(family):
     """Under the own-forward oracle objective, the kept set plan_groups gives for o-prune has error <= the kept sets
     plan_groups gives for f-prune, s-prune, reap, man and msan (all six chosen by the code under test, scored by the oracle)."""
     model, _, stats = calibrated(family)
-    plans = {m: plan_groups(stats, ADAPTERS[family], model.config, R, method=m) for m in ["o-prune", *SCORE_OF]}
+    plans = {
+        m: plan_groups(stats, ADAPTERS[family], model.config, R, method=m, router=router_for(m))
+        for m in ["o-prune", *SCORE_OF]
+    }
     for layer in stats:
         kept = {m: [g[0] for g in plan[layer]] for m, plan in plans.items()}
         for b, experts in enumerate(blocks_of(family)):
@@ -540,7 +566,7 @@ def pruned_reference(family: str, kept: dict[int, list[int]]) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("method", [*PRUNING_METHODS, "hc-smoe", "m-smoe"])
+@pytest.mark.parametrize("method", [*(m for m in PRUNING_METHODS if m != "mone"), "hc-smoe", "m-smoe"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_reduce_end_to_end(family, method, source, workdir, capfd):
     """CLI reduce: oracle's r one-member groups, bit-identical sliced tensors, loaded logits equal the sliced source."""
@@ -622,16 +648,62 @@ def assert_clean_error(code: int, err: str, out: Path, *needles: str) -> None:
     assert list(out.parent.iterdir()) == []  # no temporary or partial output beside it either
 
 
-@pytest.mark.parametrize("method", PRUNING_METHODS)
-def test_grouped_router_with_pruning_is_refused(method, source, workdir, capfd, tmp_path):
-    """--router grouped with a pruning method: exit 2, one error line, no output; the API raises MoemergeError."""
+def test_mone_without_the_original_router_is_refused(source, workdir, capfd, tmp_path):
+    """--method mone with --router reduce: exit 2, one error line that names --router grouped, no output; the API
+    raises MoemergeError."""
     out = tmp_path / "out"
-    argv = ["reduce", source("mixtral"), "--experts", R, "--out", out, "--method", method, "--router", "grouped"]
+    argv = ["reduce", source("mixtral"), "--experts", R, "--out", out, "--method", "mone"]
     code, err = cli([*argv, "--calib", workdir / "calib.jsonl", *SMALL_CALIB], capfd)
-    assert_clean_error(code, err, out, method, "--router reduce")
-    with pytest.raises(MoemergeError, match="--router reduce"):
-        moemerge.reduce(source("mixtral"), out, experts=R, method=method, router="grouped", progress=False)
+    assert_clean_error(code, err, out, "mone", "--router grouped")
+    with pytest.raises(MoemergeError, match="--router grouped"):
+        moemerge.reduce(source("mixtral"), out, experts=R, method="mone", progress=False)
     assert not out.exists()
+
+
+def novice_reference(family: str, kept: dict[int, list[int]]) -> nn.Module:
+    """The source model whose MoE blocks answer a token routed to a dropped expert j with the oracle's mean routed
+    output of j instead of E_j(x): the block's own output, minus w_j (E_j(x) - mean_j) per such selection, routing
+    from the block's own gate."""
+    model = copy.deepcopy(calibrated(family)[0])
+
+    def novices(layer: int):
+        def hook(block, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            _, weights, ids = block.gate(x)
+            correction = torch.zeros(len(x), x.shape[1], dtype=torch.float64)
+            for j in sorted(set(range(N)) - set(kept[layer])):
+                token, slot = (ids == j).nonzero(as_tuple=True)
+                mean = oracle_statistics(family, layer)["routed_mean_output"][j]
+                outputs = expert_output(block, j, x[token])
+                correction[token] += weights[token, slot, None].double() * (outputs - mean)
+            return output - correction.reshape(output.shape).to(output.dtype)
+
+        return hook
+
+    for i, block in moe_blocks(model).items():
+        block.register_forward_hook(novices(i))
+    return model
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_router_with_pruning_gives_the_dropped_experts_novices(family, method, source, workdir, capfd):
+    """CLI reduce --router grouped with a pruning method: the oracle's kept experts, and moemerge.load_model's logits
+    equal the source model whose dropped experts answer with their mean routed output (MoNE's novices)."""
+    out = workdir / "out" / f"{family}-{method}-grouped"
+    argv = ["reduce", source(family), "--experts", R, "--out", out, "--method", method, "--router", "grouped"]
+    code, err = cli([*argv, "--calib", workdir / "calib.jsonl", *SMALL_CALIB, "--quiet"], capfd)
+    assert code == 0, err
+    layers = json.loads((out / "moemerge.json").read_text(encoding="utf-8"))["layers"]
+    kept = {entry["layer"]: [g[0] for g in entry["groups"]] for entry in layers}
+    assert kept == {layer: expected_kept(family, method, layer) for layer in kept}
+    ids = torch.tensor([sequences()[1][:12]])
+    with torch.no_grad():
+        logits = moemerge.load_model(out)(input_ids=ids).logits
+        expected = novice_reference(family, kept)(input_ids=ids).logits
+        pruned = pruned_reference(family, kept)(input_ids=ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert (logits - pruned).abs().max() > 1e-3  # the novices are not the masked-out experts of --router reduce
 
 
 @pytest.mark.parametrize("budget", [0, -5])
@@ -654,6 +726,6 @@ def test_tiny_config_matches_module_constants():
 
 
 def test_exactly_the_pruning_methods_declare_that_they_prune():
-    """The registered methods' ``prunes`` declarations (which refuse --router grouped and skip the metric's
+    """The registered methods' ``prunes`` declarations (which give --router grouped novices and skip the metric's
     statistics) name exactly the methods that keep whole experts."""
     assert {m for m in names("method") if resolve("method", m).prunes} == set(PRUNING_METHODS)

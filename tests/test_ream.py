@@ -23,6 +23,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from transformers import AutoModelForCausalLM
 
+import moemerge
 from moemerge import MoemergeError, apply_groups, plan_groups
 from moemerge.adapters import FAMILIES as ADAPTERS
 from moemerge.grouping import pseudo_groups, ream_similarity
@@ -248,17 +249,20 @@ def test_saliency_router_rows_keep_the_most_salient_members_row_and_bias():
     assert torch.equal(rows, weight[[1, 3]]) and torch.equal(new_bias, bias[[1, 3]])
 
 
+@pytest.mark.parametrize("router", ["reduce", "grouped"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reduce_runs_ream_layer_sequentially(family, tmp_path, capfd):
-    """``moemerge reduce --method ream``: exit 0, a vanilla checkpoint of r experts, the first MoE layer grouped as
-    REAM groups the original model's statistics, and the second grouped and merged (its saliency weights) as from
+def test_reduce_runs_ream_layer_sequentially(family, router, tmp_path, capfd):
+    """``moemerge reduce --method ream``: exit 0, a checkpoint of r experts, the first MoE layer grouped as REAM
+    groups the original model's statistics, and the second grouped and merged (its saliency weights) as from
     statistics of the original second layer on hidden states from the reduced first layer (the output's first MoE
-    block spliced into the original)."""
+    block, as vanilla transformers or, for --router grouped, moemerge.load_model loads it, spliced into the
+    original)."""
     src = save_tiny(family, tmp_path / "src")
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in sequences()), encoding="utf-8")
     out = tmp_path / "out"
     argv = ["reduce", src, "--experts", R, "--method", "ream", "--ream-group-size", 3, "--out", out, "--calib", calib]
+    argv += ["--router", router]
     code, _, err = run_cli([*argv, "--calib-samples", SAMPLES, "--calib-seq-len", SEQ_LEN, "--no-report"], capfd)
     assert code == 0, err
     meta = json.loads((out / "moemerge.json").read_text())
@@ -273,7 +277,7 @@ def test_reduce_runs_ream_layer_sequentially(family, tmp_path, capfd):
     assert plan_groups(statistics_of(original, family), adapter, original.config, R, **options)[first] == layers[first]
 
     spliced = copy.deepcopy(original)
-    reduced = AutoModelForCausalLM.from_pretrained(out).eval()
+    reduced = moemerge.load_model(out) if router == "grouped" else AutoModelForCausalLM.from_pretrained(out).eval()
     spliced.model.layers[first].mlp = reduced.model.layers[first].mlp
     stats = statistics_of(spliced, family, second)
     groups = plan_groups(stats, adapter, original.config, R, **options)[second]

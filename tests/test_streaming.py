@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import moemerge
 from moemerge.adapters import family_for
 from moemerge.calibration import load_calibration
+from moemerge.checkpoint.source import SIDECAR
 from moemerge.pipeline import merge_layer, plan_groups, reduce_in_memory
 from moemerge.statistics import collect_statistics
 from moemerge.streaming import reduce_streaming
@@ -43,6 +44,10 @@ def assert_same_model(a: Path, b: Path) -> None:
         assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
     for name in ("config.json", "moemerge.json", "generation_config.json"):
         assert (a / name).read_text() == (b / name).read_text(), name
+    assert (a / SIDECAR).is_file() == (b / SIDECAR).is_file()
+    if (a / SIDECAR).is_file():
+        assert load_file(a / SIDECAR).keys() == load_file(b / SIDECAR).keys()
+        assert all(torch.equal(t, load_file(b / SIDECAR)[k]) for k, t in load_file(a / SIDECAR).items())
     assert all_files(a / "report") == all_files(b / "report")
 
 
@@ -57,6 +62,7 @@ CASES = [
     ("olmoe", {"method": "o-prune", "oprune_budget": 50}),
     ("deepseek_v3", {"refit": "down", "router": "grouped"}),
     ("qwen2_moe", {"method": "reap", "refit": "down"}),
+    ("qwen3_moe", {"method": "mone", "router": "grouped", "refit": "down"}),
 ]
 
 

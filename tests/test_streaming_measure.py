@@ -94,10 +94,12 @@ def test_eval_layer_by_layer_equals_the_whole_forward(family, tmp_path, layer_by
     assert errors[0] > 0 and errors[-1] > 0 and all(e == 0.0 for e in errors[1:-1])
 
 
-@pytest.mark.parametrize("options", [{"router": "grouped"}, {"budget": "frequency", "experts": 5}])
+@pytest.mark.parametrize(
+    "options", [{"router": "grouped"}, {"router": "grouped", "method": "mone"}, {"budget": "frequency", "experts": 5}]
+)
 def test_eval_of_grouped_and_budget_outputs_equals_load_model(options, tmp_path, layer_by_layer, monkeypatch):
-    """A --router grouped output (original routers from its sidecar) and a non-uniform --budget output (expert
-    counts per layer): every number equals the oracles on the model moemerge.load_model builds, and the cost's
+    """A --router grouped output (original routers, and for a pruning method novices, from its sidecar) and a
+    non-uniform --budget output (expert counts per layer): every number equals the oracles on the model moemerge.load_model builds, and the cost's
     parameter counts equal parameter_counts of that model."""
     monkeypatch.setattr(EVALUATE, "measure_in_fresh_process", lambda *args: {})
     text = text_file(tmp_path)
@@ -203,22 +205,29 @@ def test_moving_layer_inputs_keeps_shared_tensors_shared():
     assert all(t.is_meta for t in tensors) and len({id(t) for t in tensors}) == 2
 
 
-@pytest.mark.parametrize("damage", ["drop-layer", "remove"])
+@pytest.mark.parametrize("damage", ["drop-layer", "remove", "drop-novices", "cut-novices"])
 def test_a_damaged_grouped_router_file_is_one_error_line(tmp_path, capfd, damage):
-    """A --router grouped output whose router sidecar lacks a layer's router, or is gone: eval (and load_model)
-    say so in one line, exit 2, instead of a KeyError or FileNotFoundError traceback."""
+    """A --router grouped output whose router sidecar lacks a layer's router, or is gone, or (mone) lacks a layer's
+    novices or holds too few: eval (and load_model) say so in one line, exit 2, instead of a KeyError,
+    FileNotFoundError or shape-error traceback."""
     from safetensors.torch import load_file, save_file
 
     text = text_file(tmp_path)
     src = save_tiny("mixtral", tmp_path / "src")
     out = tmp_path / "out"
-    moemerge.reduce(src, out, experts=4, router="grouped", calib=str(text), calib_samples=2, calib_seq_len=32,
-                    progress=False)  # fmt: skip
+    method = "mone" if "novices" in damage else "hc-smoe"
+    moemerge.reduce(src, out, experts=4, router="grouped", method=method, calib=str(text), calib_samples=2,
+                    calib_seq_len=32, progress=False)  # fmt: skip
     sidecar = out / "moemerge_router.safetensors"
+    tensors = load_file(sidecar)
     if damage == "remove":
         sidecar.unlink()
+    elif damage == "drop-layer":
+        save_file({k: t for k, t in tensors.items() if not k.startswith("layers.1.")}, sidecar)
+    elif damage == "drop-novices":
+        save_file({k: t for k, t in tensors.items() if k != "layers.1.novices"}, sidecar)
     else:
-        save_file({k: t for k, t in load_file(sidecar).items() if not k.startswith("layers.1.")}, sidecar)
+        save_file(tensors | {"layers.1.novices": tensors["layers.1.novices"][1:]}, sidecar)
     code, _, err = run(["eval", out, "--data", text, "--no-cost", "--quiet"], capfd)
     line = assert_clean_error(code, err, tmp_path / "no-output")
     assert "moemerge_router.safetensors" in line and ("layer 1" in line or "cannot be read" in line)

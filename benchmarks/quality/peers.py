@@ -1,11 +1,12 @@
-"""HC-SMoE against the retraining-free peers (REAP, MAN, MSAN, REAM), each with and without ``--refit down``.
+"""HC-SMoE against the retraining-free peers (REAP, MAN, MSAN, REAM, MoNE), each with and without ``--refit down``.
 
-Usage: ``python benchmarks/quality/peers.py [--models NAME ...] [--out DIR]`` (default: every benchmark model,
-``benchmarks/results/quality``; writes ``peers.md`` and ``peers.csv`` after each model, replacing that model's
-earlier rows and keeping the other models'). The quality benchmark's settings
+Usage: ``python benchmarks/quality/peers.py [--models NAME ...] [--methods NAME ...] [--out DIR]`` (default: every
+benchmark model and method, ``benchmarks/results/quality``; writes ``peers.md`` and ``peers.csv`` after each model,
+replacing that model's earlier rows of the methods measured and keeping the rest). The quality benchmark's settings
 (``run.py``: 256 x 256 general calibration tokens, the first 4,096 test tokens of each domain, 25 / 50 / 75 %
 removed). Every method runs on one calibration pass of the original model (both router modes for the merging
-methods). HC-SMoE and REAM also run layer-sequentially (``NAME (sequential)``: every layer's statistics from the
+methods, and for the pruning ones too, their dropped experts then replaced by novices as MoNE's). HC-SMoE and REAM
+also run layer-sequentially (``NAME (sequential)``: every layer's statistics from the
 already-reduced layers, as ``reduce --sequential`` and ``reduce --method ream`` run them), and HC-SMoE with
 ``--budget search``, each through ``reduce`` with a calibration pass of its own per cell.
 """
@@ -25,7 +26,8 @@ from moemerge.checkpoint import inspect_source, load_source
 from moemerge.compare import write_csv
 from moemerge.streaming import reduce_streaming
 
-METHODS = ("hc-smoe", "reap", "man", "msan", "ream")
+METHODS = ("hc-smoe", "reap", "man", "msan", "ream", "mone")
+GROUPED = ("hc-smoe", "ream", "reap", "mone")  # the grouped-routing columns (reap's: with novices; mone: only so)
 STREAMED = {  # label: reduce options of the variants that compare cannot run from shared statistics
     "hc-smoe (sequential)": {"method": "hc-smoe", "sequential": True},
     "ream (sequential)": {"method": "ream", "sequential": True},
@@ -37,15 +39,16 @@ quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
 
 
-def streamed_rows(name: str, work: Path, log) -> list[dict]:
-    """Rows of the STREAMED variants reduced by ``reduce``, without and with the refit, at every ratio."""
+def streamed_rows(name: str, variants: dict, work: Path, log) -> list[dict]:
+    """Rows of ``variants`` (label: options, of STREAMED) reduced by ``reduce``, without and with the refit, at
+    every ratio."""
     source = inspect_source(quality.MODELS / name)
     original, tokenizer = load_source(source, dtype="float32")
     n = source.family.num_experts(original.config)
     vocab = original.get_input_embeddings().num_embeddings
     chunks = quality.test_windows(tokenizer, vocab, quality.TEST_TOKENS)
     rows = []
-    for fraction, (variant, options), refit in itertools.product(quality.REMOVED, STREAMED.items(), ("none", "down")):
+    for fraction, (variant, options), refit in itertools.product(quality.REMOVED, variants.items(), ("none", "down")):
         r = round(n * (1 - fraction))
         out = work / f"{name}-{r}-{len(rows)}"
         start = time.perf_counter()
@@ -81,17 +84,19 @@ def markdown(rows: list[dict], models: list[str]) -> str:
         "`NAME` runs on the original model's statistics, `NAME (sequential)` layer-sequentially; budget search: "
         "`--budget search`.",
         "",
-        "| model | removed | original | " + " | ".join(names) + " | hc-smoe grouped | ream grouped |",
-        "|---|---|---|" + "---|" * (len(names) + 2),
+        "| model | removed | original | "
+        + " | ".join([*(n for n in names if n != "mone"), *(f"{m} grouped" for m in GROUPED)])
+        + " |",
+        "|---|---|---|" + "---|" * (len(names) - 1 + len(GROUPED)),
     ]
     ours_best = cells = 0
     for model in models:
         original = quality.lookup(rows, model, "original", 0.0, calibration="", router="")["ppl_mean"]
         for fraction in quality.REMOVED:
             cell = {}
-            for method in names:
+            for method in (n for n in names if n != "mone"):
                 cell[method] = [quality.lookup(rows, model, m, fraction) for m in (method, f"{method}:refit=down")]
-            for method in ("hc-smoe", "ream"):
+            for method in GROUPED:
                 cell[f"{method} grouped"] = [
                     quality.lookup(rows, model, m, fraction, router="grouped") for m in (method, f"{method}:refit=down")
                 ]
@@ -123,19 +128,25 @@ def read_rows(path: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="names under benchmarks/models (default: all)")
+    parser.add_argument(
+        "--methods", nargs="+", choices=[*METHODS, *STREAMED], default=[*METHODS, *STREAMED], help="default: all"
+    )
     parser.add_argument("--out", type=Path, default=quality.REPO / "benchmarks" / "results" / "quality")
     args = parser.parse_args()
     models = args.models or sorted(p.parent.name for p in quality.MODELS.glob("*/card.json"))
-    variants = [v for m in METHODS for v in (m, f"{m}:refit=down")]
+    variants = [v for m in METHODS if m in args.methods for v in (m, f"{m}:refit=down")]
+    streamed = {label: options for label, options in STREAMED.items() if label in args.methods}
+    measured = {"original", *args.methods}
     log = lambda line: print(line, flush=True)  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         for name in models:  # each model's rows replace its earlier ones, written as soon as they are measured
             rows = quality.run_model(
-                name, variants, quality.REMOVED, ("general",), quality.CALIB_SAMPLES, quality.TEST_TOKENS, log
+                name, variants, quality.REMOVED, ("general",), quality.CALIB_SAMPLES, quality.TEST_TOKENS, log, True
             )
-            rows += streamed_rows(name, Path(work), log)
-            rows = [r for r in read_rows(args.out / "peers.csv") if r["model"] != name] + rows
+            rows += streamed_rows(name, streamed, Path(work), log)
+            earlier = read_rows(args.out / "peers.csv")
+            rows = [r for r in earlier if r["model"] != name or r["method"].split(":")[0] not in measured] + rows
             write_csv(rows, args.out / "peers.csv")
             done = sorted({r["model"] for r in rows})
             (args.out / "peers.md").write_text(markdown(rows, done), encoding="utf-8")

@@ -87,7 +87,12 @@ def measure(model, original, family, chunks: dict[str, list[torch.Tensor]]) -> d
     return row | {"hidden_l2": hidden["l2"], "hidden_cosine": hidden["cosine"]}
 
 
-def run_model(name: str, variants, removed, calib_sets, calib_samples: int, test_tokens: int, log) -> list[dict]:
+def run_model(
+    name: str, variants, removed, calib_sets, calib_samples: int, test_tokens: int, log, novices: bool = False
+) -> list[dict]:
+    """Rows of the original and of every variant at every removed fraction, with both router modes where a
+    variant's method can use them (pruning methods with ``grouped`` only with ``novices``: their dropped experts
+    then become novices)."""
     source = inspect_source(MODELS / name)
     model, tokenizer = load_source(source, dtype="float32")
     config, family = AutoConfig.from_pretrained(source.path), source.family
@@ -105,7 +110,8 @@ def run_model(name: str, variants, removed, calib_sets, calib_samples: int, test
         stats = collect_statistics(model, layers, calibration.sequences, needs, progress=False)
         for router in ("reduce", "grouped"):
             for spec in chosen:
-                if router == "grouped" and resolve("method", spec.split(":")[0]).prunes:
+                method = resolve("method", spec.split(":")[0])
+                if method.router not in (None, router) or (router == "grouped" and method.prunes and not novices):
                     continue
                 variant = parse_variant(spec, router=router)
                 for fraction in removed:

@@ -176,7 +176,8 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
         "--router",
         default=d["router"],
         choices=ROUTER_MODES,
-        help="reduce: standard checkpoint with an r-row router; grouped: keep the original router (load with moemerge.load_model)",
+        help="reduce: standard checkpoint with an r-row router; grouped: keep the original router, and with a pruning "
+        "method replace each dropped expert by its mean routed output (a novice, as MoNE); load with moemerge.load_model",
     )
     p.add_argument(
         "--router-rows",

@@ -41,14 +41,15 @@ if TYPE_CHECKING:
 class Method:
     """A registered ``--method``: called as ``method(stats, experts, r, options)`` -> groups.
 
-    prunes: it keeps whole experts (one-member groups of the kept ones), so --router reduce already routes
-        exactly as the pruned model and grouped routing adds nothing.
+    prunes: it keeps whole experts (one-member groups of the kept ones); --router reduce routes exactly as the
+        pruned model, and --router grouped gives each dropped expert's tokens its novice (:mod:`moemerge.routing.grouped`).
     preset: options its name fixes, whatever else was asked (:meth:`ReduceOptions.effective`).
     compresses: its merged experts are then compressed to low-rank plus sparse (:mod:`moemerge.merging.low_rank`).
     sequential: ``reduce`` collects each layer's statistics from the already-reduced layers (as ``--sequential``).
     clusters: it groups with ``--cluster`` (so ``--cluster fcm`` makes soft groups).
     check: (routing blocks [(expert ids, groups)], options) -> None, raising MoemergeError for a count the method
         cannot make; run before any work.
+    router: the router mode it needs (None: either).
     """
 
     choose: Callable[[LayerStatistics, list[int], int, ReduceOptions], list[list[int]]]
@@ -58,6 +59,7 @@ class Method:
     sequential: bool = False
     clusters: bool = False
     check: Callable[[list[tuple[list[int], int]], ReduceOptions], None] | None = None
+    router: str | None = None
 
     def __call__(self, stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions):
         return self.choose(stats, experts, r, options)
@@ -167,6 +169,19 @@ def man(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptio
 def msan(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """MSAN (same paper): keep the r experts of largest mean over routed tokens of ||E_j(x)||_2^2."""
     return keep_highest(required(stats, "activation_sq_norm"), experts, r)
+
+
+@method(
+    "mone", needs=("routed_mean_output", "activation_sq_norm", "routing_weight_mean"), prunes=True, router="grouped"
+)
+def mone(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
+    """MoNE (Zhang et al. 2025, "Replacing Redundant Experts with Lightweight Novices"; code zxgx/mode-pd, its
+    ``fusion`` ranking per layer): keep the r experts of largest ||std of E_j(x)||_2 over the tokens routed to j
+    (the square root of mean ||E_j||^2 - ||mean E_j||^2) times j's mean top-k routing weight over all tokens; the
+    dropped experts become novices, their mean routed outputs, which needs ``--router grouped``."""
+    mean = required(stats, "routed_mean_output").double()
+    variance = required(stats, "activation_sq_norm") - mean.square().sum(-1)
+    return keep_highest(variance.clamp(min=0).sqrt() * required(stats, "routing_weight_mean"), experts, r)
 
 
 @method("o-prune", needs=("expert_outputs", "router_logits"), prunes=True)

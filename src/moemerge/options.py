@@ -51,7 +51,8 @@ class ReduceOptions:
     method: the registered method; metric, distance, cluster, linkage, kmeans_init: how hc-smoe compares and
         clusters experts (a method's preset may fix some: :meth:`effective`).
     merge, align: how a group becomes one expert; rank, sparsity, param_budget: mc-smoe's compression.
-    router, router_rows: the router mode and how reduced router rows are built.
+    router, router_rows: the router mode and how reduced router rows are built (grouped routing with a pruning
+        method gives the dropped experts novices: :mod:`moemerge.routing.grouped`).
     refit: what is refit in closed form after merging (:mod:`moemerge.merging.refit`).
     ream_group_size: ream's C, the most experts one group takes; oprune_budget: o-prune's subset budget.
     budget: experts per layer (uniform, by a global score, or searched: :mod:`moemerge.budget_search`).
@@ -120,6 +121,16 @@ class ReduceOptions:
         return self.effective_option("merge"), self.effective_option("router_rows")
 
     @property
+    def prunes(self) -> bool:
+        """Whether the method keeps whole experts (and drops the others)."""
+        return resolve("method", self.method).prunes
+
+    @property
+    def novices(self) -> bool:
+        """Whether the dropped experts become novices: a pruning method with grouped routing."""
+        return self.prunes and self.router == "grouped"
+
+    @property
     def soft_groups(self) -> bool:
         """Whether the method groups experts by memberships (fuzzy c-means)."""
         return self.effective_option("cluster") == "fcm" and resolve("method", self.method).clusters
@@ -163,10 +174,11 @@ class ReduceOptions:
 
     def _check_combination(self) -> None:
         """A router mode or ``align`` that the method (with its options) cannot use."""
-        if self.router == "grouped" and resolve("method", self.method).prunes:
+        needed = resolve("method", self.method).router
+        if needed is not None and self.router != needed:
             raise MoemergeError(
-                f"--method {self.method} keeps whole experts, and --router reduce already routes exactly as the "
-                "pruned model (dropped experts masked out); use --router reduce"
+                f"--method {self.method} replaces the dropped experts by novices, which the original router sends "
+                f"tokens to; add --router {needed} (the output then loads with moemerge.load_model)"
             )
         if self.soft_groups and self.router == "grouped":
             raise MoemergeError(
@@ -192,8 +204,10 @@ class ReduceOptions:
         needed |= needs("refit", self.refit)
         if self.budget == "search":
             needed |= {"router_inputs"}
-        if not resolve("method", self.method).prunes:
+        if not self.prunes:
             needed |= needs("metric", self.effective_option("metric"))
+        if self.novices:
+            needed |= {"routed_mean_output"}
         return needed
 
 

@@ -46,12 +46,14 @@ from moemerge.merging import (
     reconstruct,
     routed_tokens,
 )
+from moemerge.methods import required
 from moemerge.options import ReduceOptions
 from moemerge.output_files import atomic_output, check_output
 from moemerge.precision import compute_dtype, describe, dtype_name, model_dtype, to_compute, to_storage
 from moemerge.progress import log, phase
 from moemerge.registry import check_choice, resolve
 from moemerge.routing import router_rows as build_router_rows
+from moemerge.routing.grouped import KeptRouter, dropped_experts
 from moemerge.statistics import LayerStatistics, collect_statistics
 
 # the LayerStatistics field [n] a non-uniform budget shares the experts by
@@ -246,14 +248,18 @@ def merge_layer(
     align: bool = False,
     refit: str = "none",
     router: str = "reduce",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> KeptRouter:
     """Merge one MoE layer in place to ``groups``, give it a router with a row per group (see
     :func:`apply_groups`), and ``refit`` its down projections for the ``router`` mode the output will route
-    with (:mod:`moemerge.merging.refit`). Returns its original router: weight [n, H] and selection bias [n] or
-    None."""
+    with (:mod:`moemerge.merging.refit`). Returns what grouped routing keeps: its original router, and with
+    ``router`` grouped the novices of the experts in no group (their ``routed_mean_output``)."""
     rule = resolve("merge", merge)
     bias = view.selection_bias
-    original = (view.router_weight.detach().clone(), None if bias is None else bias.clone())
+    dropped = dropped_experts(groups, view.num_experts) if router == "grouped" else []
+    novices = None
+    if dropped:
+        novices = required(stats, "routed_mean_output")[dropped].to(view.router_weight)
+    original = KeptRouter(view.router_weight.detach().clone(), None if bias is None else bias.clone(), novices)
     weights = view.expert_weights()
     if align:
         if isinstance(groups, SoftGroups):
@@ -525,19 +531,26 @@ def compression_record(run: Prepared, stored_params: int) -> dict:
     }
 
 
-def stored_router(original: tuple[torch.Tensor, torch.Tensor | None], view: MoELayerView) -> tuple:
-    """An original router (weight, selection bias or None) in the dtypes of the view's router once it is back in
-    its storage dtypes (:func:`moemerge.precision.to_storage`)."""
-    weight, bias = original
-    return weight.to(view.router_weight.dtype), None if bias is None else bias.to(view.selection_bias.dtype)
+def stored_router(original: KeptRouter, view: MoELayerView) -> KeptRouter:
+    """A kept router in the dtypes of the view's router once it is back in its storage dtypes
+    (:func:`moemerge.precision.to_storage`); novices as the router weight."""
+    weight, bias, novices = original
+    dtype = view.router_weight.dtype
+    return KeptRouter(
+        weight.to(dtype),
+        None if bias is None else bias.to(view.selection_bias.dtype),
+        None if novices is None else novices.to(dtype),
+    )
 
 
-def router_tensors(originals: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
-    """The original routers that ``--router grouped`` keeps, as the tensors of its sidecar file."""
-    routers = {f"layers.{layer}.weight": w for layer, (w, _) in originals.items()}
-    return routers | {
-        f"layers.{layer}.e_score_correction_bias": b for layer, (_, b) in originals.items() if b is not None
-    }
+def router_tensors(originals: dict[int, KeptRouter]) -> dict[str, torch.Tensor]:
+    """What ``--router grouped`` keeps, as the tensors of its sidecar file: per layer the original router's
+    ``weight`` and ``e_score_correction_bias``, and the ``novices``."""
+    tensors = {}
+    for layer, kept in originals.items():
+        names = ("weight", "e_score_correction_bias", "novices")
+        tensors |= {f"layers.{layer}.{name}": t for name, t in zip(names, kept, strict=True) if t is not None}
+    return tensors
 
 
 def reduction_metadata(

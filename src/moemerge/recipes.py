@@ -40,6 +40,7 @@ from moemerge.pipeline import (
     prepare,
     write_reduced,
 )
+from moemerge.routing.grouped import dropped_experts
 from moemerge.streaming.calibrate import statistics_layer_by_layer
 from moemerge.streaming.driver import reduce_prepared
 
@@ -211,6 +212,14 @@ def recipe_groups(content: dict, family: MoEFamily, config, recipe) -> dict[int,
         check_layer_groups(family, config, groups, options.router)
     except MoemergeError as err:
         raise MoemergeError(f"recipe {recipe}: {err}") from None
+    if options.router == "grouped" and not options.prunes:
+        for layer, layer_groups in groups.items():
+            left_out = dropped_experts(layer_groups, n)
+            if left_out:
+                raise MoemergeError(
+                    f"recipe {recipe}: layer {layer}: experts {left_out} are in no group, but --router grouped with "
+                    f"--method {options.method} sends each expert's tokens to its group; plan again"
+                )
     return groups
 
 

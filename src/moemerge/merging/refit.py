@@ -7,7 +7,7 @@ that can absorb it linearly. On the sampled calibration router inputs X [t, H] (
 - original routed output  y(x) = sum_{j in top-k(x)} g_j(x) D_j h_j(x)   (the n experts, the original router);
 - reduced routed output   y'(x) = sum_{c in top-k'(x)} g'_c(x) D'_c h'_c(x)   (the r reduced experts routed as the
   output will be: the new r-row router for ``--router reduce``, the original one mapped to groups for
-  ``grouped``);
+  ``grouped``, where the novices of a pruning method add their fixed share);
 
 with h the intermediate activations act(G x) * (U x) [I] and D the down projection [H, I]. One expert at a time,
 most used first (a Gauss-Seidel sweep), D'_c becomes the ridge least-squares solution of
@@ -33,7 +33,7 @@ import torch
 
 from moemerge.adapters.base import MoELayerView, RoutingRule, intermediate_activations
 from moemerge.registry import register
-from moemerge.routing.grouped import expert_map
+from moemerge.routing.grouped import KeptRouter, expert_map
 
 RIDGE_GRID = tuple(10.0**e for e in range(-4, 4))  # candidate ridges, times the Gram matrix's mean eigenvalue
 MIN_TOKENS = 8  # an expert fewer sampled tokens reach keeps its merged down projection
@@ -49,7 +49,7 @@ def no_refit(*_) -> None:
 def refit_down(
     view: MoELayerView,
     original: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    original_router: tuple[torch.Tensor, torch.Tensor | None],
+    original_router: KeptRouter,
     groups: list[list[int]],
     grouped: bool,
     inputs: torch.Tensor | None,
@@ -58,7 +58,7 @@ def refit_down(
     docstring says.
 
     original: the n original experts' (gate [n, I, H], up [n, I, H], down [n, H, I]); original_router: their
-    router's weight [n, H] and selection bias [n] or None; groups: the r groups of original expert ids;
+    router's weight [n, H] and selection bias [n] or None, and the novices of grouped routing; groups: the r groups of original expert ids;
     grouped: the output routes with the original router mapped to groups (``--router grouped``), not with the
     view's r-row router; inputs: the sampled router inputs [t, H].
     """
@@ -66,13 +66,18 @@ def refit_down(
         raise ValueError("--refit down needs router inputs sampled during calibration (router_inputs)")
     gate, up, down = view.expert_weights()
     x = inputs.to(gate.dtype)
-    n = len(original[0])
-    target = weighted_outputs(view.act_fn, original, routing_weights(view.routing, original_router, x, n), x)
+    n, r = len(original[0]), view.num_experts
+    weight, bias, novices = KeptRouter(*original_router)
+    target = weighted_outputs(view.act_fn, original, routing_weights(view.routing, (weight, bias), x, n), x)
     if grouped:
-        weights = routing_weights(view.routing, original_router, x, len(groups), expert_map(groups, n))
+        slots = r + (0 if novices is None else len(novices))
+        mapping = expert_map(groups, n, novices is not None)
+        weights = routing_weights(view.routing, (weight, bias), x, slots, mapping)
     else:
-        weights = routing_weights(view.routing, (view.router_weight, view.selection_bias), x, view.num_experts)
-    current = weighted_outputs(view.act_fn, (gate, up, down), weights, x)  # kept up to date below
+        weights = routing_weights(view.routing, (view.router_weight, view.selection_bias), x, r)
+    current = weighted_outputs(view.act_fn, (gate, up, down), weights[:, :r], x)  # kept up to date below
+    if weights.shape[1] > r:  # the novices' share, which no refit changes
+        current += weights[:, r:].double() @ novices.double()
 
     def features(c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens routed to reduced expert c [m] and their routing-weighted activations [m, I] float64."""
@@ -81,7 +86,7 @@ def refit_down(
         return rows, weights[rows, c, None].double() * h
 
     refit = down.double().clone()
-    for c in sorted(range(view.num_experts), key=lambda c: (-int((weights[:, c] > 0).sum()), c)):
+    for c in sorted(range(r), key=lambda c: (-int((weights[:, c] > 0).sum()), c)):
         rows, z = features(c)
         if len(rows):
             delta = ridge_solve(z, target[rows] - current[rows])  # [H, I]

@@ -47,6 +47,10 @@ class LayerStatistics:
         the top-k weights renormalised to sum to 1 (0 for an expert no token was routed to).
     activation_norm, activation_sq_norm: [n] float64 or None, mean over the tokens routed to j of ||E_j(x)||_2 and
         of ||E_j(x)||_2^2, without gate weight (the MAN and MSAN scores; 0 for an expert no token was routed to).
+    routed_mean_output: [n, H] float32 or None, mean over the tokens routed to j of E_j(x), without gate weight
+        (MoNE's novice; 0 for an expert no token was routed to).
+    routing_weight_mean: [n] float64 or None, mean over all tokens of the top-k weight the block gives j (0 on a
+        token that did not select j), as the block applies it (renormalised and scaled as the family does).
     routing: the layer's routing rule; selection_bias: [n] float32 or None.
     router_inputs: [t, H] float32 hidden states at the router, every ``T/t``-th token, or None.
     router_logits: [t', n] float32 router logits, and expert_outputs: [t', n, H] float32 E_j(x) of
@@ -68,6 +72,8 @@ class LayerStatistics:
     gated_mean_output: torch.Tensor | None = None
     activation_norm: torch.Tensor | None = None
     activation_sq_norm: torch.Tensor | None = None
+    routed_mean_output: torch.Tensor | None = None
+    routing_weight_mean: torch.Tensor | None = None
     router_inputs: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     expert_outputs: torch.Tensor | None = None
@@ -89,6 +95,7 @@ class Sequence:
     x: torch.Tensor  # [t, H] block inputs
     logits: torch.Tensor  # [t, n] router logits
     indices: torch.Tensor  # [t, k] selected experts
+    weights: torch.Tensor  # [t, k] float32 top-k weights as the block applies them
     gates: torch.Tensor  # [t, k] float32 top-k weights renormalised to sum to 1
 
 
@@ -130,10 +137,19 @@ def statistic(name: str, **declared) -> Statistic:
 
 
 def _mean_output(acc: LayerAccumulator, act_sum: torch.Tensor, stats: dict) -> torch.Tensor:
-    """[n, H] float32 W_down_j @ (act_sum_j / T), in float64, a few experts at a time (act_sum [n, I]: a sum over
-    the tokens of act_j, or of p_j act_j)."""
+    """[n, H] float32 W_down_j @ (act_sum_j / T) (act_sum [n, I]: a sum over the tokens of act_j, or of p_j act_j)."""
+    return _through_down(acc, act_sum / acc.total_tokens)
+
+
+def _routed_mean_output(acc: LayerAccumulator, act_sum: torch.Tensor, stats: dict) -> torch.Tensor:
+    """[n, H] float32 W_down_j @ (act_sum_j / count_j) (act_sum [n, I]: a sum over the tokens routed to j)."""
+    return _through_down(acc, act_sum / stats["counts"].to(act_sum.device).clamp(min=1)[:, None])
+
+
+def _through_down(acc: LayerAccumulator, act_mean: torch.Tensor) -> torch.Tensor:
+    """[n, H] float32 W_down_j @ act_mean_j for act_mean [n, I], in float64, a few experts at a time."""
     down = acc.view.block.experts.down_proj
-    act_mean = (act_sum / acc.total_tokens).to(down.device)
+    act_mean = act_mean.to(down.device)
     step = max(1, CHUNK_BYTES // (down[0].numel() * 8))  # experts per float64 copy of down_proj
     means = [
         torch.einsum("nhi,ni->nh", down[a : a + step].double(), act_mean[a : a + step])
@@ -148,6 +164,21 @@ def _gated_act_sum(chunk: Chunk) -> torch.Tensor:
     logits = sequence.logits[chunk.start : chunk.start + len(chunk.act)]
     probs = sequence.accumulator.view.routing.scores(logits)
     return (chunk.act.float() * probs[:, :, None]).sum(0, dtype=torch.float64)
+
+
+def _routed_act_sum(chunk: Chunk) -> torch.Tensor:
+    """[n, I] float64 sums over the chunk's tokens routed to j of act_j(x)."""
+    act = chunk.act
+    ids = chunk.sequence.indices[chunk.start : chunk.start + len(act)]
+    routed = act[torch.arange(len(act), device=act.device)[:, None], ids]  # [c, k, I]
+    sums = torch.zeros(act.shape[1], act.shape[2], dtype=torch.float64, device=act.device)
+    return sums.index_add_(0, ids.reshape(-1), routed.reshape(-1, act.shape[2]).double())
+
+
+def _weight_sum(sequence: Sequence) -> torch.Tensor:
+    """[n] float64 sums over the sequence's tokens of the top-k weight the block gives each expert."""
+    sums = torch.zeros(sequence.logits.shape[1], dtype=torch.float64, device=sequence.weights.device)
+    return sums.index_add_(0, sequence.indices.reshape(-1), sequence.weights.reshape(-1).double())
 
 
 def _routed_output_norms(chunk: Chunk):
@@ -231,6 +262,12 @@ statistic(
     per_chunk=_routed_norm_sum(lambda gates, norms: norms.double() ** 2),
     finish=_per_routed_token,
     requires=("counts",),
+)
+statistic("routed_mean_output", per_chunk=_routed_act_sum, finish=_routed_mean_output, requires=("counts",))
+statistic(
+    "routing_weight_mean",
+    per_sequence=_weight_sum,
+    finish=lambda acc, total, stats: (total / acc.total_tokens).cpu(),
 )
 statistic(
     "selection_bias",
@@ -325,8 +362,8 @@ class LayerAccumulator:
         """
         view, experts = self.view, self.view.block.experts
         logits, weights, indices = view.block.gate(x)
-        gates = weights.float() / weights.float().sum(-1, keepdim=True)
-        sequence = Sequence(self, x, logits, indices, gates)
+        weights = weights.float()
+        sequence = Sequence(self, x, logits, indices, weights, weights / weights.sum(-1, keepdim=True))
         parts = {name: s.per_sequence(sequence) for name, s in self.statistics.items() if s.per_sequence}
         chunked = {name: s.per_chunk for name, s in self.statistics.items() if s.per_chunk}
         if chunked:

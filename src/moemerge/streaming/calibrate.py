@@ -22,7 +22,7 @@ from moemerge.errors import MoemergeError
 from moemerge.pipeline import statistics_needs
 from moemerge.precision import compute_dtype, model_dtype, to_compute, to_storage
 from moemerge.progress import phase
-from moemerge.routing.grouped import install_grouped_routers
+from moemerge.routing.grouped import KeptRouter, Novices, install_grouped_routers
 from moemerge.statistics import LayerAccumulator, LayerStatistics, sequence_offsets
 from moemerge.streaming.layers import (
     LAYERS,
@@ -107,15 +107,17 @@ class LayerStream:
         try:
             if self.grouped is not None and view is not None:
                 routers, groups, top_k = self.grouped
-                weight, bias = routers[index]
+                weight, bias, novices = routers[index]
                 # rounded as its layer's router is stored, as moemerge.load_model's model holds it, then computed
                 weight = weight.to(as_stored[0]).to(view.router_weight)
                 bias = None if bias is None else bias.to(as_stored[1]).to(view.selection_bias)
-                install_grouped_routers([view], {index: (weight, bias)}, groups, top_k)
+                novices = None if novices is None else novices.to(as_stored[0]).to(view.router_weight)
+                install_grouped_routers([view], {index: KeptRouter(weight, bias, novices)}, groups, top_k)
             yield layer, stored
         finally:
             if gate is not None:
                 view.block.gate = gate
+                Novices.detach(view.block.experts)
             to_storage(layer, stored)  # unloading keeps each tensor's dtype, which the next load takes
             unload(layer)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ from moemerge.pipeline import (
 from moemerge.precision import dtype_name, to_compute, to_storage
 from moemerge.progress import log, phase
 from moemerge.registry import resolve
+from moemerge.routing.grouped import grouped_routing
 from moemerge.statistics import sequence_offsets
 from moemerge.streaming.calibrate import LayerStream, collect
 from moemerge.streaming.layers import SourceTensors, layer_tensors, load_outside, outside_tensors, run_layer, unload
@@ -250,9 +252,13 @@ def reduce_prepared(
                         factors, saved = {}, 0
                         if compresses:
                             factors, saved = compress_experts([view], run.rank, o.sparsity)
-                        if sequential:  # the next layer sees this one as it is stored
+                        if sequential:  # the next layer sees this one as it is stored, and routes once loaded
                             to_compute(layer, stream.compute)
-                            outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
+                            as_loaded = nullcontext()
+                            if o.router == "grouped":
+                                as_loaded = grouped_routing(view, router, groups, routing.top_k)
+                            with as_loaded:
+                                outputs = {s: run_layer(layer, hidden[s], calls[s][i]) for s in mine}
                         if not two_pass:
                             hidden = outputs
                         reduced[i], saved_params = groups, saved_params + saved

@@ -28,6 +28,7 @@ from moemerge.grouping import SoftGroups
 from moemerge.output_files import write_json
 from moemerge.progress import log
 from moemerge.registry import names, resolve
+from moemerge.routing.grouped import KeptRouter
 from moemerge.statistics import LayerStatistics
 
 SCHEMA = "moemerge.stream-state/1"
@@ -106,14 +107,15 @@ class RunState:
         layer: int,
         groups: list[list[int]],
         stats: LayerStatistics,
-        router: tuple[torch.Tensor, torch.Tensor | None],
+        router: KeptRouter,
         factors: dict[str, torch.Tensor],
         saved: int,
     ) -> None:
         """A finished MoE layer's groups, report statistics, original router and low-rank factors (not yet
         committed: :meth:`advance` does that)."""
         tensors = {f"stats.{f}": getattr(stats, f) for f in KEPT_STATS if getattr(stats, f) is not None}
-        tensors |= {"router.weight": router[0]} | ({"router.bias": router[1]} if router[1] is not None else {})
+        kept = zip(("router.weight", "router.bias", "router.novices"), router, strict=True)
+        tensors |= {name: t for name, t in kept if t is not None}
         tensors |= {f"factors.{name}": t for name, t in factors.items()}
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, self.dir / f"layer-{layer}.safetensors"
@@ -143,7 +145,9 @@ class RunState:
             if "memberships" in record:
                 memberships = [torch.tensor(u, dtype=torch.float64) for u in record["memberships"]]
                 groups[layer] = SoftGroups(record["groups"], memberships)
-            routers[layer] = (tensors["router.weight"], tensors.get("router.bias"))
+            routers[layer] = KeptRouter(
+                tensors["router.weight"], tensors.get("router.bias"), tensors.get("router.novices")
+            )
             factors |= {name[len("factors.") :]: t for name, t in tensors.items() if name.startswith("factors.")}
             saved += record["saved"]
         return groups, stats, routers, factors, saved
