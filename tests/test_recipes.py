@@ -38,8 +38,9 @@ def file_hashes(folder: Path) -> dict[str, str]:
         ["--experts", "5", "--router", "grouped", "--linkage", "single"],
         ["--ratio", "0.5", "--method", "mc-smoe", "--rank", "4"],
         ["--experts", "4", "--method", "reap"],
+        ["--experts", "4", "--method", "mone", "--router", "grouped"],
     ],
-    ids=["hc-smoe", "fcm", "budget-fixdom", "grouped", "mc-smoe", "reap"],
+    ids=["hc-smoe", "fcm", "budget-fixdom", "grouped", "mc-smoe", "reap", "mone"],
 )
 def test_plan_then_apply_is_byte_identical_to_reduce(tmp_path, capfd, src, options):
     recipe, planned, direct = tmp_path / "recipe.json", tmp_path / "planned", tmp_path / "direct"
@@ -114,6 +115,21 @@ def test_tampered_groups_are_refused(tmp_path, capfd, src):
     recipe.write_text(json.dumps(content))
     code, _, err = run(["apply", recipe, src, "--out", out], capfd)
     assert "hold an expert twice" in assert_clean_error(code, err, out)
+
+
+def test_a_grouped_merge_plan_that_leaves_an_expert_out_is_refused(tmp_path, capfd, src):
+    """A hand-edited --router grouped recipe of a merging method whose groups miss an expert (the original router
+    would send that expert's tokens nowhere): one error line naming the layer and the expert, nothing written."""
+    recipe, out = tmp_path / "recipe.json", tmp_path / "out"
+    plan = ["plan", src, "--out", recipe, *SMALL_CALIB, "--experts", "4", "--router", "grouped", "--quiet"]
+    assert run(plan, capfd)[0] == 0
+    content = json.loads(recipe.read_text())
+    groups = content["layers"][1]["groups"]
+    member = max(groups, key=len).pop()
+    recipe.write_text(json.dumps(content))
+    code, _, err = run(["apply", recipe, src, "--out", out], capfd)
+    line = assert_clean_error(code, err, out)
+    assert f"layer {content['layers'][1]['layer']}" in line and f"[{member}]" in line and "in no group" in line
 
 
 def test_plan_refuses_to_replace_a_recipe_without_force(tmp_path, capfd, src):

@@ -106,25 +106,34 @@ def run_model(
         calibration = load_calibration(
             str(DATA / f"calib_{calib}.jsonl.gz"), tokenizer, calib_samples, SEQ_LEN, 0, vocab
         )
-        needs = statistics_needs([parse_variant(v).options for v in chosen])
-        stats = collect_statistics(model, layers, calibration.sequences, needs, progress=False)
-        for router in ("reduce", "grouped"):
-            for spec in chosen:
-                method = resolve("method", spec.split(":")[0])
-                if method.router not in (None, router) or (router == "grouped" and method.prunes and not novices):
-                    continue
-                variant = parse_variant(spec, router=router)
-                for fraction in removed:
-                    r = round(n * (1 - fraction))
-                    start = time.perf_counter()
-                    reduced, _ = reduce_variant(model, family, config, stats, variant.options, r)
-                    seconds = time.perf_counter() - start
-                    cell = {"calibration": calib, "router": router, "method": variant.spec, "removed": fraction}
-                    row = base | cell | {"experts": r} | measure(reduced, model, family, chunks)
-                    rows.append(row | {"seconds": seconds})
-                    log(f"{name} {calib} {router} {variant.spec} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
-                    del reduced
+        runs = [
+            parse_variant(spec, router=router)
+            for router in ("reduce", "grouped")
+            for spec in chosen
+            if runs_with(resolve("method", spec.split(":")[0]), router, novices)
+        ]
+        stats = collect_statistics(
+            model, layers, calibration.sequences, statistics_needs([v.options for v in runs]), progress=False
+        )
+        for variant in runs:
+            router = variant.options.router
+            for fraction in removed:
+                r = round(n * (1 - fraction))
+                start = time.perf_counter()
+                reduced, _ = reduce_variant(model, family, config, stats, variant.options, r)
+                seconds = time.perf_counter() - start
+                cell = {"calibration": calib, "router": router, "method": variant.spec, "removed": fraction}
+                row = base | cell | {"experts": r} | measure(reduced, model, family, chunks)
+                rows.append(row | {"seconds": seconds})
+                log(f"{name} {calib} {router} {variant.spec} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
+                del reduced
     return rows
+
+
+def runs_with(method, router: str, novices: bool) -> bool:
+    """Whether a variant of ``method`` runs with ``router``: the mode the method needs, if any; grouped for a
+    pruning method only with ``novices``."""
+    return method.router in (None, router) and not (router == "grouped" and method.prunes and not novices)
 
 
 def lookup(rows, model, method, fraction, calibration="general", router="reduce") -> dict | None:
