@@ -95,9 +95,10 @@ class Novices(nn.Module):
     def _before(self, module, args):
         hidden, ids, weights, *rest = args
         novice = ids >= self.first
-        rows = (ids - self.first).clamp(min=0)
         slot_weights = weights.masked_fill(~novice, 0).to(self.constants.dtype)
-        self._pending = torch.einsum("tk,tkh->th", slot_weights, self.constants[rows])
+        per_novice = slot_weights.new_zeros(len(ids), len(self.constants))  # [t, m]
+        per_novice.scatter_add_(1, (ids - self.first).clamp(min=0), slot_weights)
+        self._pending = per_novice @ self.constants
         return (hidden, ids.masked_fill(novice, 0), weights.masked_fill(novice, 0), *rest)
 
     def _after(self, module, args, output):
