@@ -21,14 +21,17 @@ import pytest
 import torch
 from conftest import NUM_EXPERTS, TOKENIZER_DIR, save_tiny
 from PIL import Image
+from safetensors.torch import load_file
 from test_cli import SMALL_CALIB, TEXT, assert_clean_error, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moemerge
+import moemerge.compare as compare_module
 from moemerge import MoemergeError
 from moemerge.compare import compare, parse_variant
 from moemerge.evaluation import perplexity
 from moemerge.options import ReduceOptions
+from moemerge.routing.grouped import install_grouped_routers
 
 N = NUM_EXPERTS
 MAX_TOKENS, SEQ_LEN = 150, 64  # windows of 64, 64 and 22 tokens
@@ -554,10 +557,12 @@ def test_cli_budget_output_as_source(work, tmp_path, capfd):
     assert "budget" in assert_clean_error(code, err, out)
 
 
-def test_bf16_rows_on_a_cpu_without_bf16_measure_the_model_reduce_writes(work, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,router", [("hc-smoe", "reduce"), ("mone", "grouped")])
+def test_bf16_rows_on_a_cpu_without_bf16_measure_the_model_reduce_writes(work, tmp_path, monkeypatch, method, router):
     """A bf16 checkpoint on a CPU without native bf16 (detection forced): the grid computes in float32, but each
-    row measures the reduced weights rounded to bf16, as reduce writes them. Oracle: the reduce output, loaded in
-    float32, through the float64 loss loop (measuring the unrounded merge misses it by about 2e-6)."""
+    row measures the reduced weights (and mone's novices) rounded to bf16, as reduce writes them. Oracle: the reduce
+    output, loaded in float32 (by moemerge.load_model for grouped routing), through the float64 loss loop
+    (measuring the unrounded merge misses it by about 2e-6)."""
     from moemerge import precision
 
     monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: frozenset({torch.float32}))
@@ -565,9 +570,22 @@ def test_bf16_rows_on_a_cpu_without_bf16_measure_the_model_reduce_writes(work, t
     AutoModelForCausalLM.from_pretrained(work["src"], dtype=torch.bfloat16).save_pretrained(bf16)
     for file in work["src"].glob("tokenizer*"):
         (bf16 / file.name).write_bytes(file.read_bytes())
-    rows = grid({**work, "src": bf16}, tmp_path / "grid", ["hc-smoe"], experts=[5])
-    out = reduce_to_disk({**work, "src": bf16}, tmp_path / "reduced", 5)
+    installed = {}  # the novices the grid's reduced layers route to, per layer
+
+    def install(layers, routers, groups, top_k):
+        installed.update({view.layer: routers[view.layer].novices for view in layers})
+        install_grouped_routers(layers, routers, groups, top_k)
+
+    monkeypatch.setattr(compare_module, "install_grouped_routers", install)
+    rows = grid({**work, "src": bf16}, tmp_path / "grid", [method], experts=[5], router=router)
+    out = reduce_to_disk({**work, "src": bf16}, tmp_path / "reduced", 5, router=router, method=method)
+    if router == "grouped":  # the sidecar's bf16 novices, bit for bit (perplexity alone would not tell)
+        sidecar = load_file(out / "moemerge_router.safetensors")
+        assert installed and all(sidecar[f"layers.{layer}.novices"].dtype == torch.bfloat16 for layer in installed)
+        assert all(torch.equal(t, sidecar[f"layers.{layer}.novices"].float()) for layer, t in installed.items())
     stored = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in stored.parameters())
-    expected = oracle_perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), work["chunks"])
+    loaded = moemerge.load_model(out, dtype="float32")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    expected = oracle_perplexity(loaded, work["chunks"])
     assert rows[1]["perplexity"] == pytest.approx(expected, rel=PPL_REL)

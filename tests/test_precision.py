@@ -89,7 +89,12 @@ def tensors(folder: Path, pattern: str = "model*.safetensors") -> dict[str, torc
     return found
 
 
-CASES = [("mixtral", {}), ("deepseek_v3", {}), ("olmoe", {"router": "grouped"})]
+CASES = [
+    ("mixtral", {}),
+    ("deepseek_v3", {}),
+    ("olmoe", {"router": "grouped"}),
+    ("qwen3_moe", {"method": "mone", "router": "grouped"}),
+]
 
 
 @pytest.mark.parametrize("family,options", CASES, ids=[f"{f}-{o.get('router', 'reduce')}" for f, o in CASES])

@@ -136,8 +136,8 @@ def test_every_expert_solves_its_ridge_problem_against_the_blocks_own_outputs(fa
 
         error_merged = (target - block_output(view.block, x)).square().sum()
         error_fitted = (target - block_output(after.block, x)).square().sum()
-        if torch.equal(after.block.experts.down_proj, view.block.experts.down_proj):  # every expert chose no update
-            assert error_fitted == error_merged
+        if method == "reap" and torch.equal(after.block.experts.down_proj, view.block.experts.down_proj):
+            assert error_fitted == error_merged  # every expert chose no update (pruning leaves little to fix)
         else:
             assert error_fitted < error_merged, (family, view.layer, error_fitted, error_merged)
             updated.add(view.layer)

@@ -44,9 +44,10 @@ def crash_at(monkeypatch, k: int) -> list[int]:
 
 def test_resume_after_a_crash_at_every_write_is_byte_identical(tmp_path, monkeypatch):
     """Crash at the 1st, 2nd, ... file write of a streamed run, then --resume (again and again until it finishes):
-    every file of the output, report included, equals an uninterrupted run's."""
+    every file of the output, report included, equals an uninterrupted run's (MoNE, layer-sequential: a grouped
+    router sidecar with novices, and hidden states carried through the reduced layers)."""
     source = save_tiny("qwen2_moe", tmp_path / "src")
-    options = {**SMALL, "router": "grouped", "calib_samples": 2}
+    options = {**SMALL, "method": "mone", "router": "grouped", "sequential": True, "calib_samples": 2}
     clean = reduce_streaming(source, tmp_path / "clean", **options)
     crash_at_every_write_then_resume(tmp_path, monkeypatch, source, options, all_files(tmp_path / "clean"), clean)
 

@@ -82,7 +82,7 @@ def markdown(rows: list[dict], models: list[str]) -> str:
         "`python benchmarks/quality/peers.py`. The quality benchmark's settings; mean test perplexity (geometric "
         "mean of the five domains); router `reduce` unless marked grouped; each cell without / with `--refit down`. "
         "`NAME` runs on the original model's statistics, `NAME (sequential)` layer-sequentially; budget search: "
-        "`--budget search`.",
+        "`--budget search`; n/a: not measured.",
         "",
         "| model | removed | original | "
         + " | ".join([*(n for n in names if n != "mone"), *(f"{m} grouped" for m in GROUPED)])
@@ -100,9 +100,9 @@ def markdown(rows: list[dict], models: list[str]) -> str:
                 cell[f"{method} grouped"] = [
                     quality.lookup(rows, model, m, fraction, router="grouped") for m in (method, f"{method}:refit=down")
                 ]
-            text = [" / ".join(f"{r['ppl_mean']:.1f}" for r in pair) for pair in cell.values()]
+            text = [" / ".join("n/a" if r is None else f"{r['ppl_mean']:.1f}" for r in pair) for pair in cell.values()]
             lines.append(f"| {model} | {fraction:.0%} | {original:.1f} | " + " | ".join(text) + " |")
-            best = {m: min(r["ppl_mean"] for r in pair) for m, pair in cell.items()}
+            best = {m: min(r["ppl_mean"] for r in pair if r) for m, pair in cell.items() if any(pair)}
             ours = min(v for m, v in best.items() if m.startswith("hc-smoe"))
             peers = min(v for m, v in best.items() if not m.startswith("hc-smoe"))
             cells += 1

@@ -46,6 +46,7 @@ from moemerge.pipeline import (
     merge_layer,
     plan_groups,
     statistics_needs,
+    stored_router,
     target_experts,
 )
 from moemerge.precision import compute_in_fastest, to_compute, to_storage
@@ -275,6 +276,7 @@ class ReducedLayers:
         o, groups = self.options, self.groups[index]
         router = merge_layer(own, groups, self.stats[index], *o.merging, o.align, o.refit, o.router)
         to_storage(layer, stored)
+        router = stored_router(router, own)  # the novices too, as reduce stores them
         if resolve("method", o.method).compresses:
             compress_experts([own], compression_rank(own, o.rank, o.sparsity, o.param_budget), o.sparsity)
         to_compute(layer, self.stream.compute)
@@ -300,6 +302,7 @@ def reduce_variant(model, family, config, stats: dict, options: ReduceOptions, r
     layers = family.moe_layers(reduced)
     if stored_dtypes:
         to_storage(reduced, stored_dtypes)
+        originals = {view.layer: stored_router(originals[view.layer], view) for view in layers}
     if resolve("method", options.method).compresses:
         rank = compression_rank(layers[0], options.rank, options.sparsity, options.param_budget)
         compress_experts(layers, rank, options.sparsity)

@@ -46,7 +46,6 @@ from moemerge.merging import (
     reconstruct,
     routed_tokens,
 )
-from moemerge.methods import required
 from moemerge.options import ReduceOptions
 from moemerge.output_files import atomic_output, check_output
 from moemerge.precision import compute_dtype, describe, dtype_name, model_dtype, to_compute, to_storage
@@ -258,7 +257,12 @@ def merge_layer(
     dropped = dropped_experts(groups, view.num_experts) if router == "grouped" else []
     novices = None
     if dropped:
-        novices = required(stats, "routed_mean_output")[dropped].to(view.router_weight)
+        if stats.routed_mean_output is None:
+            raise ValueError(
+                f"grouped routing sends the tokens of experts {dropped} (in no group) to their novices, which need "
+                "the routed_mean_output statistic: only a pruning method leaves experts out"
+            )
+        novices = stats.routed_mean_output[dropped].to(view.router_weight)
     original = KeptRouter(view.router_weight.detach().clone(), None if bias is None else bias.clone(), novices)
     weights = view.expert_weights()
     if align:

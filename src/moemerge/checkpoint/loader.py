@@ -47,7 +47,7 @@ def grouped_routers(source) -> tuple[dict, dict, int] | None:
     routers = {}
     for layer, layer_groups in groups.items():
         weight = tensors.get(f"layers.{layer}.weight")
-        if weight is None:
+        if weight is None or weight.ndim != 2:
             raise MoemergeError(f"{damaged} has no router for layer {layer}; reduce the original model again")
         novices = tensors.get(f"layers.{layer}.novices")
         dropped = len(dropped_experts(layer_groups, len(weight)))

@@ -71,6 +71,8 @@ class Novices(nn.Module):
     Hooked on the block's experts module, whose forward every supported family calls as
     ``experts(hidden [t, H], ids [t, k], weights [t, k])``: before it, each novice slot's weight x constant is
     summed per token and the slot is sent to expert 0 with weight 0; after it, that sum is added to the output.
+    A novice slot so still costs one expert evaluation, as in the unpruned model: transformers' experts
+    implementations skip an out-of-range id only under expert parallelism.
     """
 
     def __init__(self, constants: torch.Tensor, first: int):

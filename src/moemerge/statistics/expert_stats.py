@@ -167,18 +167,18 @@ def _gated_act_sum(chunk: Chunk) -> torch.Tensor:
 
 
 def _routed_act_sum(chunk: Chunk) -> torch.Tensor:
-    """[n, I] float64 sums over the chunk's tokens routed to j of act_j(x)."""
+    """[n, I] float64 sums over the chunk's tokens routed to j of act_j(x) (a masked sum, not index_add_, which
+    adds in no fixed order on CUDA)."""
     act = chunk.act
     ids = chunk.sequence.indices[chunk.start : chunk.start + len(act)]
-    routed = act[torch.arange(len(act), device=act.device)[:, None], ids]  # [c, k, I]
-    sums = torch.zeros(act.shape[1], act.shape[2], dtype=torch.float64, device=act.device)
-    return sums.index_add_(0, ids.reshape(-1), routed.reshape(-1, act.shape[2]).double())
+    routed = torch.zeros(act.shape[:2], dtype=act.dtype, device=act.device).scatter_(1, ids, 1.0)  # [c, n]
+    return (act * routed[:, :, None]).sum(0, dtype=torch.float64)
 
 
 def _weight_sum(sequence: Sequence) -> torch.Tensor:
     """[n] float64 sums over the sequence's tokens of the top-k weight the block gives each expert."""
-    sums = torch.zeros(sequence.logits.shape[1], dtype=torch.float64, device=sequence.weights.device)
-    return sums.index_add_(0, sequence.indices.reshape(-1), sequence.weights.reshape(-1).double())
+    weights = torch.zeros_like(sequence.logits, dtype=torch.float32).scatter_(1, sequence.indices, sequence.weights)
+    return weights.sum(0, dtype=torch.float64)
 
 
 def _routed_output_norms(chunk: Chunk):
