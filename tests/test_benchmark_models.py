@@ -31,6 +31,7 @@ EXPECTED = {  # name: (transformers class, routed experts, top-k, shared expert 
     "qwen2moe-upcycled": ("Qwen2MoeForCausalLM", 32, 4, "shared_expert", 0),
     "olmoe-scratch": ("OlmoeForCausalLM", 16, 2, None, 0),
     "deepseek-scratch": ("DeepseekV3ForCausalLM", 32, 4, "shared_experts", 1),
+    "qwen3moe-scratch": ("Qwen3MoeForCausalLM", 64, 8, None, 0),
 }
 MAX_BYTES = 25 * 1024 * 1024
 
