@@ -72,12 +72,12 @@ def test_mc_smoe_checkpoint_holds_its_factors(tmp_path, family):
     frequencies), the stored L R is a best rank-3 approximation (Eckart-Young: ||W - L R||_F = the root of the sum of
     W's discarded squared singular values, numpy SVD), the stored residual holds exactly the floor(0.2 size)
     largest-magnitude entries of W - L R with their values, and the dense expert written is L R + S (so equals W at
-    those entries); the checkpoint loads in plain transformers, and the reported stored-parameter count equals the
+    those entries); with --mc-smoe-dense the checkpoint loads in plain transformers, and the reported stored-parameter count equals the
     closed form from the factor shapes."""
     src = save_tiny(family, tmp_path / "src")
     out = tmp_path / "out"
     options = dict(method="mc-smoe", rank=3, sparsity=0.8, calib_samples=2, calib_seq_len=32, progress=False)
-    result = moemerge.reduce(src, out, experts=4, report=False, **options)
+    result = moemerge.reduce(src, out, experts=4, report=False, mc_smoe_dense=True, **options)
     meta = json.loads((out / "moemerge.json").read_text())
     assert meta["compression"]["rank"] == 3 and meta["parameters"]["cluster"] == "single-shot"
     factors = load_file(out / meta["compression"]["file"])

@@ -95,11 +95,19 @@ def test_eval_layer_by_layer_equals_the_whole_forward(family, tmp_path, layer_by
 
 
 @pytest.mark.parametrize(
-    "options", [{"router": "grouped"}, {"router": "grouped", "method": "mone"}, {"budget": "frequency", "experts": 5}]
+    "options",
+    [
+        {"router": "grouped"},
+        {"router": "grouped", "method": "mone"},
+        {"budget": "frequency", "experts": 5},
+        {"method": "mc-smoe"},
+        {"method": "mc-smoe", "router": "grouped"},
+    ],
 )
 def test_eval_of_grouped_and_budget_outputs_equals_load_model(options, tmp_path, layer_by_layer, monkeypatch):
-    """A --router grouped output (original routers, and for a pruning method novices, from its sidecar) and a
-    non-uniform --budget output (expert counts per layer): every number equals the oracles on the model moemerge.load_model builds, and the cost's
+    """A --router grouped output (original routers, and for a pruning method novices, from its sidecar), a
+    non-uniform --budget output (expert counts per layer) and mc-smoe's compact output (experts from their factors,
+    read with their layer): every number equals the oracles on the model moemerge.load_model builds, and the cost's
     parameter counts equal parameter_counts of that model."""
     monkeypatch.setattr(EVALUATE, "measure_in_fresh_process", lambda *args: {})
     text = text_file(tmp_path)

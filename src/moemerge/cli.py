@@ -173,6 +173,12 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
         help="mc-smoe: instead of --rank, the largest rank that stores each merged matrix in at most F of its size",
     )
     p.add_argument(
+        "--mc-smoe-dense",
+        action="store_true",
+        help="mc-smoe: also write the compressed experts as dense matrices L R + S, so that any loader runs the "
+        "output (at the dense size); without it they are stored only as factors, which moemerge.load_model runs",
+    )
+    p.add_argument(
         "--router",
         default=d["router"],
         choices=ROUTER_MODES,

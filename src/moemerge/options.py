@@ -50,7 +50,8 @@ class ReduceOptions:
     experts / ratio: r, or the fraction of experts kept (exactly one, checked with the model's expert count).
     method: the registered method; metric, distance, cluster, linkage, kmeans_init: how hc-smoe compares and
         clusters experts (a method's preset may fix some: :meth:`effective`).
-    merge, align: how a group becomes one expert; rank, sparsity, param_budget: mc-smoe's compression.
+    merge, align: how a group becomes one expert; rank, sparsity, param_budget: mc-smoe's compression;
+        mc_smoe_dense: write mc-smoe's experts also as dense matrices (:mod:`moemerge.checkpoint.compressed`).
     router, router_rows: the router mode and how reduced router rows are built (grouped routing with a pruning
         method gives the dropped experts novices: :mod:`moemerge.routing.grouped`).
     refit: what is refit in closed form after merging (:mod:`moemerge.merging.refit`).
@@ -74,6 +75,7 @@ class ReduceOptions:
     rank: int | None = None
     sparsity: float = 0.9
     param_budget: float | None = None
+    mc_smoe_dense: bool = False
     router: str = "reduce"
     router_rows: str = "lse"
     refit: str = "none"
@@ -173,7 +175,12 @@ class ReduceOptions:
         self._check_combination()
 
     def _check_combination(self) -> None:
-        """A router mode or ``align`` that the method (with its options) cannot use."""
+        """A router mode, ``align`` or ``mc_smoe_dense`` that the method (with its options) cannot use."""
+        if self.mc_smoe_dense and not resolve("method", self.method).compresses:
+            raise MoemergeError(
+                f"--mc-smoe-dense chooses how mc-smoe stores its compressed experts, and --method {self.method} "
+                "compresses none; drop it, or use --method mc-smoe"
+            )
         needed = resolve("method", self.method).router
         if needed is not None and self.router != needed:
             raise MoemergeError(

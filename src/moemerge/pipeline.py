@@ -22,6 +22,7 @@ from moemerge.budget_search import layer_errors, searched_budgets
 from moemerge.calibration import CalibrationSet, check_calibration_size, check_spec, load_calibration
 from moemerge.checkpoint import inspect_source, load_source, write_checkpoint
 from moemerge.checkpoint.identity import model_identity
+from moemerge.checkpoint.model_files import is_compact
 from moemerge.checkpoint.source import (
     LOWRANK_FILE,
     SIDECAR,
@@ -505,7 +506,7 @@ def write_reduced(
     if is_writer():
         with atomic_output(out, force) as tmp:
             with phase(f"writing {out}"):
-                write_checkpoint(loaded, source.path, tmp, meta, tensor_files)
+                write_checkpoint(loaded, source.path, tmp, meta, tensor_files, dense_experts=not is_compact(meta))
             if report:
                 write_reduce_report(tmp, run, original, groups, stats, progress)
     barrier()
@@ -532,6 +533,7 @@ def compression_record(run: Prepared, stored_params: int) -> dict:
         "param_budget": run.options.param_budget,
         "stored_parameters": stored_params,
         "file": LOWRANK_FILE,
+        "dense": run.options.mc_smoe_dense,  # false: the experts are only in the file (a compact output)
     }
 
 

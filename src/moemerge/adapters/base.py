@@ -78,6 +78,8 @@ class MoELayerView:
         self.layer = layer
         self.block = block
         self.routing = routing
+        if not hasattr(block.experts, "gate_up_proj"):  # compressed experts (mc-smoe's compact output): no weights
+            return
         n, two_i, hidden = block.experts.gate_up_proj.shape
         if block.experts.down_proj.shape != (n, hidden, two_i // 2):
             raise MoemergeError(
@@ -87,7 +89,8 @@ class MoELayerView:
 
     @property
     def num_experts(self) -> int:
-        return self.block.experts.gate_up_proj.shape[0]
+        experts = self.block.experts
+        return experts.gate_up_proj.shape[0] if hasattr(experts, "gate_up_proj") else experts.num_experts
 
     @property
     def has_shared_expert(self) -> bool:

@@ -5,11 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import safetensors
+import torch
 from safetensors.torch import load_file
+from transformers import GenerationConfig
+from transformers.utils import GENERATION_CONFIG_NAME
 
-from moemerge.checkpoint.model_files import read_record
-from moemerge.checkpoint.source import SIDECAR, inspect_source, load_source
+from moemerge.checkpoint.compressed import CompactExperts
+from moemerge.checkpoint.model_files import is_compact, read_record
+from moemerge.checkpoint.source import (
+    SIDECAR,
+    inspect_source,
+    load_config,
+    load_source,
+    resolve_device,
+    resolve_dtype,
+)
 from moemerge.errors import MoemergeError
+from moemerge.precision import model_dtype
 from moemerge.routing.grouped import KeptRouter, dropped_experts, install_grouped_routers
 
 
@@ -22,12 +34,35 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", allow
     are exactly what ``AutoModelForCausalLM.from_pretrained(path)`` gives. ``allow_pickle``: accept pickle
     weights from a trusted source.
     """
-    source = inspect_source(path, allow_pickle=allow_pickle)
-    model, _ = load_source(source, dtype=dtype, device=device)
+    source = inspect_source(path, allow_pickle=allow_pickle, compact=True)
+    if is_compact(read_record(source.path)):
+        model = load_compact(source, dtype, device)
+    else:
+        model, _ = load_source(source, dtype=dtype, device=device)
     grouped = grouped_routers(source)
     if grouped is not None:
         install_grouped_routers(source.family.moe_layers(model), *grouped)
     return model
+
+
+def load_compact(source, dtype: str, device: str):
+    """A compact mc-smoe output (checked source ``source``) in eval mode on ``device``: built on the meta device
+    from its config, its experts :class:`~moemerge.checkpoint.compressed.CompressedExperts` filled from the factor file, every other weight from
+    the model files as ``from_pretrained`` loads them; no dense expert matrix is ever formed."""
+    from moemerge.streaming.layers import SourceTensors, load_into, skeleton  # moemerge.streaming imports this module
+
+    config = load_config(source.path)
+    storage = model_dtype(config, resolve_dtype(dtype))
+    model = skeleton(config, storage)
+    experts = CompactExperts(source)
+    experts.install(model)
+    for layer in experts.modules:
+        experts.fill(layer, storage, torch.device("cpu"))
+    tensors = SourceTensors(source.weight_files)
+    load_into(model, tensors.read(list(tensors.file_of)), storage, lambda name: True)
+    if (source.path / GENERATION_CONFIG_NAME).exists():
+        model.generation_config = GenerationConfig.from_pretrained(source.path)
+    return model.to(resolve_device(device)).eval()
 
 
 def grouped_routers(source) -> tuple[dict, dict, int] | None:

@@ -144,6 +144,13 @@ def read_record(folder: Path) -> dict | None:
     return record
 
 
+def is_compact(record: dict | None) -> bool:
+    """Whether ``record`` (a ``moemerge.json``'s) is a compact mc-smoe output's: experts stored only as factors
+    (:mod:`moemerge.checkpoint.compressed`)."""
+    compression = (record or {}).get("compression")
+    return isinstance(compression, dict) and compression.get("dense") is False
+
+
 def _record_problem(record) -> str | None:
     """What is wrong with the contents of a moemerge.json, or None."""
     if not isinstance(record, dict):

@@ -14,6 +14,7 @@ from moemerge.checkpoint.model_files import (
     PICKLE_SUFFIXES,
     check_model_folder,
     check_safetensors,
+    is_compact,
     read_config,
     read_record,
 )
@@ -39,10 +40,12 @@ class SourceModel:
         return self.weight_files[0].suffix in PICKLE_SUFFIXES
 
 
-def inspect_source(path: str | Path, allow_pickle: bool = False) -> SourceModel:
+def inspect_source(path: str | Path, allow_pickle: bool = False, compact: bool = False) -> SourceModel:
     """Validate a local model directory without loading its weights: every file in it is a regular file
     (:func:`check_model_folder`), ``config.json`` a supported family's with usable values in every field
-    moemerge reads, every safetensors header complete, and a ``moemerge.json`` readable."""
+    moemerge reads, every safetensors header complete, and a ``moemerge.json`` readable. A compact mc-smoe output
+    (experts only as factors, :mod:`moemerge.checkpoint.compressed`) is refused unless ``compact``: only
+    :func:`moemerge.load_model` and evaluation run it."""
     path = Path(path)
     if not path.exists():
         raise MoemergeError(f"model path {path} does not exist; pass a local model directory")
@@ -57,7 +60,12 @@ def inspect_source(path: str | Path, allow_pickle: bool = False) -> SourceModel:
     safetensors = sorted(path.glob("*.safetensors"))
     for file in safetensors:
         check_safetensors(file)
-    read_record(path)
+    if is_compact(read_record(path)) and not compact:
+        raise MoemergeError(
+            f"{path} is a compact mc-smoe output: its experts are stored only as low-rank and sparse factors "
+            f"({LOWRANK_FILE}), which moemerge.load_model and moemerge eval run; to reduce, compare or inspect it, "
+            "write it with reduce --mc-smoe-dense"
+        )
     weights = [p for p in safetensors if p.name not in (SIDECAR, LOWRANK_FILE)]
     if not weights:
         weights = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -32,11 +32,21 @@ def write_checkpoint(
     out_dir: Path,
     metadata: dict,
     tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
+    dense_experts: bool = True,
 ) -> None:
     """Save ``model`` (sharded above 2 GB), the source's tokenizer and generation files, ``moemerge.json``,
-    and moemerge's own tensor files (file name -> tensors), e.g. the original routers of grouped routing."""
-    model.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
+    and moemerge's own tensor files (file name -> tensors), e.g. the original routers of grouped routing.
+    Without ``dense_experts`` the routed experts' tensors are left out (mc-smoe's compact output keeps them
+    as factors in a tensor file)."""
+    state = None if dense_experts else {name: t for name, t in model.state_dict().items() if not routed_expert(name)}
+    model.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE, state_dict=state)
     write_extras(source_dir, out_dir, metadata, tensor_files)
+
+
+def routed_expert(name: str) -> bool:
+    """Whether tensor ``name`` (in-memory or on-disk) belongs to a layer's routed experts: every supported
+    family keeps them under ``<block>.experts.``, and shared experts under ``shared_expert(s).``."""
+    return ".experts." in name
 
 
 def write_extras(

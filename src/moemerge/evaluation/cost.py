@@ -40,9 +40,8 @@ def parameter_counts(model, family: MoEFamily) -> dict:
     active = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in expert_ids | {id(embedding)})
     if output is embedding:  # tied: the output projection is still a matmul per token
         active += output.numel()
-    for view in views:
-        gate, _, down = view.expert_weights()
-        active += view.routing.top_k * 2 * gate[0].numel() + view.routing.top_k * down[0].numel()
+    for view in views:  # one expert's parameters (dense matrices, or mc-smoe's factors) per selected expert
+        active += view.routing.top_k * sum(p.numel() for p in view.block.experts.parameters()) // view.num_experts
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "expert_parameters": sum(p.numel() for view in views for p in view.block.experts.parameters()),

@@ -57,9 +57,11 @@ def evaluate(
     memory and speed in a process that loads the whole model.
     """
     check_evaluation(data, max_tokens, seq_len, tasks, limit, tasks_source, batch_size)
-    source = inspect_source(model, allow_pickle=allow_pickle)
+    source = inspect_source(model, allow_pickle=allow_pickle, compact=True)
     check_tokenizer_for_tasks(source, tasks)
-    reference_source = inspect_source(reference, allow_pickle=allow_pickle) if reference is not None else None
+    reference_source = (
+        inspect_source(reference, allow_pickle=allow_pickle, compact=True) if reference is not None else None
+    )
     if reference_source is not None:
         check_reference(source, reference_source)
     start = time.perf_counter()

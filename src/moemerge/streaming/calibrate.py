@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moemerge.checkpoint.compressed import CompactExperts
 from moemerge.checkpoint.loader import grouped_routers
+from moemerge.checkpoint.model_files import is_compact, read_record
 from moemerge.checkpoint.source import SourceModel, resolve_device, resolve_dtype, stored_expert_counts
 from moemerge.errors import MoemergeError
 from moemerge.pipeline import statistics_needs
@@ -53,6 +55,9 @@ class LayerStream:
         if counts is not None:  # a non-uniform --budget output: each MoE layer gets its own count
             for view in source.family.moe_layers(self.skeleton):
                 view.keep_first(counts[view.layer])
+        self.compact = CompactExperts(source) if is_compact(read_record(source.path)) else None
+        if self.compact is not None:  # experts computed from mc-smoe's factors, read with their layer
+            self.compact.install(self.skeleton)
         self.family = source.family
         self.views = {view.layer: view for view in source.family.moe_layers(self.skeleton)}
         self.grouped = grouped_routers(source) if grouped else None
@@ -99,6 +104,8 @@ class LayerStream:
     def layer(self, index: int) -> Iterator[tuple[nn.Module, dict[str, torch.dtype]]]:
         """(decoder layer ``index`` filled and in the compute dtype, its tensors' stored dtypes); emptied after, in
         its stored dtypes again so that it loads as stored next time."""
+        if self.compact is not None:
+            self.compact.fill(index, self.storage, torch.device("cpu"))
         layer = load_layer(self.skeleton, self.tensors, index, self.storage).to(self.device)
         view = self.views.get(index)
         gate = None if view is None else view.block.gate

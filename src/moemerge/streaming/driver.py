@@ -33,7 +33,7 @@ from moemerge.budget_search import layer_errors, searched_budgets
 from moemerge.checkpoint import writer
 from moemerge.checkpoint.model_files import DTYPE_BITS
 from moemerge.checkpoint.source import inspect_source
-from moemerge.checkpoint.writer import write_extras
+from moemerge.checkpoint.writer import routed_expert, write_extras
 from moemerge.distributed import barrier, is_writer, my_share, rank_and_world
 from moemerge.errors import MoemergeError
 from moemerge.grouping import layer_budgets
@@ -266,9 +266,10 @@ def reduce_prepared(
                             state.save_layer(i, groups, stats, router, factors, saved)
                     to_storage(layer, stored)
                     if merging and is_writer():
-                        save_file(
-                            layer_tensors(skel, i), state.partial / _shard(i + 1, shards), metadata={"format": "pt"}
-                        )
+                        tensors = layer_tensors(skel, i)
+                        if compresses and not o.mc_smoe_dense:  # a compact output: the experts are only factors
+                            tensors = {name: t for name, t in tensors.items() if not routed_expert(name)}
+                        save_file(tensors, state.partial / _shard(i + 1, shards), metadata={"format": "pt"})
                     if forward:
                         state.save_hidden(step + 1, rank_id, hidden)
                     barrier()
