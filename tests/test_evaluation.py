@@ -613,3 +613,15 @@ def test_cli_eval_out_is_a_directory(work, tmp_path, capfd):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results")]
     assert "Traceback" not in err and code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_fresh_process_peak_memory_is_its_own(tmp_path):
+    """The fresh process's peak memory is its own: with 1 GiB touched in this (parent) process, the child that loads
+    a tiny model reports far less (getrusage's ru_maxrss would report the parent's 1 GiB and more), and at least the
+    resident size it started from."""
+    from moemerge.evaluation.cost import measure_in_fresh_process
+
+    src = save_tiny("mixtral", tmp_path / "src")
+    ballast = torch.ones(2**28)  # 1 GiB, every page written
+    measured = measure_in_fresh_process(src)
+    assert measured["baseline_memory_bytes"] <= measured["peak_memory_bytes"] < ballast.numel() * 4 // 2

@@ -107,6 +107,13 @@ def _resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
+def _peak_resident_bytes() -> int:
+    """This process's peak resident set: VmHWM, not getrusage's ru_maxrss, which Linux carries over fork and exec
+    and so reports the parent's size when the parent was larger."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
 def _main(path: str, dtype: str, device: str, allow_pickle: str) -> None:
     from transformers import AutoTokenizer
 
@@ -119,8 +126,7 @@ def _main(path: str, dtype: str, device: str, allow_pickle: str) -> None:
     if model.device.type == "cuda":
         result |= {"peak_memory_bytes": torch.cuda.max_memory_allocated(model.device), "baseline_memory_bytes": 0}
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        result |= {"peak_memory_bytes": peak, "baseline_memory_bytes": baseline}
+        result |= {"peak_memory_bytes": _peak_resident_bytes(), "baseline_memory_bytes": baseline}
     print(json.dumps(result))
 
 
