@@ -146,3 +146,28 @@ def test_computing_in_bf16_keeps_float32_tensors_in_float32(tmp_path, monkeypatc
         kept = [g[0] for g in groups]
         for key in (f"model.layers.{layer}.mlp.gate.weight", f"model.layers.{layer}.mlp.gate.e_score_correction_bias"):
             assert written[key].dtype == torch.float32 and torch.equal(written[key], source[key][kept]), key
+
+
+def test_experts_of_a_width_grouped_mm_cannot_take_run_in_bf16(tmp_path, monkeypatch):
+    """Experts of width 12 in bf16 (rows of 24 bytes): transformers' default grouped_mm kernel fails on them
+    ("strides should be multiple of 16 bytes"). load_model runs them, to the logits of transformers' own eager
+    experts loop on the same checkpoint, and reduce computing in bf16 (in memory and streamed) completes with the
+    same output."""
+    tiny = save_tiny("qwen3_moe", tmp_path / "tiny", moe_intermediate_size=12)
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).save_pretrained(bf16)
+    for file in tiny.glob("tokenizer*"):
+        shutil.copyfile(file, bf16 / file.name)
+    ids = torch.tensor([[3, 50, 700, 9, 1200, 4000, 17, 2]])
+    default = AutoModelForCausalLM.from_pretrained(bf16).eval()
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"), torch.no_grad():
+        default(input_ids=ids)  # the failure this guards against is still there
+    eager = AutoModelForCausalLM.from_pretrained(bf16, experts_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(moemerge.load_model(bf16)(input_ids=ids).logits, eager(input_ids=ids).logits)
+    monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: frozenset({torch.float32, torch.bfloat16}))
+    reduce_in_memory(bf16, tmp_path / "memory", **SMALL)
+    reduce_streaming(bf16, tmp_path / "stream", **SMALL)
+    assert (tmp_path / "memory" / "model.safetensors").read_bytes() == (
+        tmp_path / "stream" / "model.safetensors"
+    ).read_bytes()

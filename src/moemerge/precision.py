@@ -95,3 +95,17 @@ def to_storage(module: nn.Module, stored: dict[str, torch.dtype]) -> None:
     for name, t in _floating(module):
         if t.dtype != stored[name]:
             t.data = t.data.to(stored[name])
+
+
+def runnable_experts_kernel(model: nn.Module) -> None:
+    """Make ``model`` run its experts with transformers' eager loop when its default ``grouped_mm`` kernel cannot:
+    torch's grouped matmul needs every matrix row to span a multiple of 16 bytes, so experts of a width that is not a
+    multiple of 8 (e.g. 28) fail in bfloat16 or float16 ("strides should be multiple of 16 bytes")."""
+    widths = {
+        size
+        for module in model.modules()
+        if isinstance(getattr(module, "down_proj", None), nn.Parameter) and module.down_proj.ndim == 3
+        for size in module.down_proj.shape[1:]
+    }
+    if any(size % 8 for size in widths):
+        model.set_experts_implementation("eager")

@@ -19,6 +19,7 @@ from moemerge.checkpoint.model_files import (
     read_record,
 )
 from moemerge.errors import MoemergeError
+from moemerge.precision import runnable_experts_kernel
 from moemerge.transformers_internals import causal_lm_class, subclass_with_init
 
 SIDECAR = "moemerge_router.safetensors"  # the original routers of a --router grouped output
@@ -120,6 +121,7 @@ def load_source(source: SourceModel, dtype: str = "auto", device: str = "cpu"):
         f"transformers could not load {source.path}",
         lambda: model_class.from_pretrained(source.path, dtype=torch_dtype, use_safetensors=not source.uses_pickle),
     )
+    runnable_experts_kernel(model)
     return model.to(dev).eval(), load_tokenizer(source)
 
 

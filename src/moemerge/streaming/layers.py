@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from moemerge.checkpoint.load_errors import size_mismatch, transformers_call
 from moemerge.errors import MoemergeError
 from moemerge.heap import trim_heap
+from moemerge.precision import runnable_experts_kernel
 from moemerge.transformers_internals import load_converted, to_disk_layout
 
 LAYERS = "model.layers."
@@ -56,6 +57,7 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
             "transformers could not build the model of this config.json",
             lambda: AutoModelForCausalLM.from_config(config, dtype=dtype),
         )
+    runnable_experts_kernel(model)
     for name, module in model.model.named_children():
         if any(b.is_meta for b in module.buffers(recurse=False)) and not list(module.parameters()):
             setattr(model.model, name, type(module)(config=model.config))
