@@ -47,8 +47,9 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", allow
 
 def load_compact(source, dtype: str, device: str):
     """A compact mc-smoe output (checked source ``source``) in eval mode on ``device``: built on the meta device
-    from its config, its experts :class:`~moemerge.checkpoint.compressed.CompressedExperts` filled from the factor file, every other weight from
-    the model files as ``from_pretrained`` loads them; no dense expert matrix is ever formed."""
+    from its config, its experts :class:`~moemerge.checkpoint.compressed.CompressedExperts` filled from the
+    factor file, every other weight from the model files as ``from_pretrained`` loads them; no dense expert
+    matrix is ever formed."""
     from moemerge.streaming.layers import SourceTensors, load_into, skeleton  # moemerge.streaming imports this module
 
     config = load_config(source.path)
