@@ -43,7 +43,8 @@ class LayerStream:
     the config's) and computed in :func:`moemerge.precision.compute_dtype` of it on ``device``.
 
     ``grouped``: give the MoE layers of a ``--router grouped`` output their original routers when loaded, as
-    :func:`moemerge.load_model` does.
+    :func:`moemerge.load_model` does. A compact mc-smoe output's experts are computed from their factors, read with
+    their layer (:mod:`moemerge.checkpoint.compressed`).
     """
 
     def __init__(self, source: SourceModel, config, dtype: str, device: str, grouped: bool = False):
