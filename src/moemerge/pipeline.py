@@ -24,9 +24,11 @@ from moemerge.checkpoint import inspect_source, load_source, write_checkpoint
 from moemerge.checkpoint.identity import model_identity
 from moemerge.checkpoint.model_files import is_compact
 from moemerge.checkpoint.source import (
+    FACTORS,
     LOWRANK_FILE,
     SIDECAR,
     SourceModel,
+    factor_key,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -309,13 +311,8 @@ def compress_experts(
                 left, right, values = (t.to(weights.dtype) for t in (left, right, values))
                 indices = indices.to(torch.int32)
                 out[e] = reconstruct(left, right, indices.long(), values, tuple(weights[e].shape)).to(out)
-                key = f"layers.{view.layer}.experts.{e}.{name}"
-                factors |= {
-                    f"{key}.left": left,
-                    f"{key}.right": right,
-                    f"{key}.indices": indices,
-                    f"{key}.values": values,
-                }
+                key = factor_key(view.layer, e, name)
+                factors |= {f"{key}.{part}": t for part, t in zip(FACTORS, (left, right, indices, values), strict=True)}
                 saved += weights[e].numel() - factor_count(left, right, values)
             rebuilt.append(out)
         view.set_experts(*rebuilt)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moemerge.checkpoint.model_files import read_record
-from moemerge.checkpoint.source import LOWRANK_FILE
+from moemerge.checkpoint.source import FACTORS, LOWRANK_FILE, factor_key
 from moemerge.errors import MoemergeError
 
 MATRICES = ("gate", "up", "down")
@@ -95,26 +95,23 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 def read_layer_factors(
-    file: Path, layer: int, experts: int, hidden: int, intermediate: int
+    file: Path, layer: int, experts: int, shapes: dict[str, tuple[int, int]]
 ) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The factors of MoE layer ``layer``'s ``experts`` experts in ``file``, stacked per matrix as
-    :meth:`CompressedExperts.fill` takes them. Raises ValueError naming what is missing or malformed: an expert's
+    """The factors of MoE layer ``layer``'s ``experts`` experts in ``file``, whose matrices have ``shapes``
+    (:attr:`CompressedExperts.shapes`), stacked per matrix as :meth:`CompressedExperts.fill` takes them. Raises ValueError naming what is missing or malformed: an expert's
     factor, a shape other than the layer's, a rank or residual size differing between experts, indices not
     ascending or outside the matrix."""
-    shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
     stacked = {}
     with safe_open(file, framework="pt") as f:
         names = set(f.keys())
         for m, (a, b) in shapes.items():
             parts = []
             for e in range(experts):
-                key = f"layers.{layer}.experts.{e}.{m}"
-                missing = [p for p in ("left", "right", "indices", "values") if f"{key}.{p}" not in names]
+                key = factor_key(layer, e, m)
+                missing = [p for p in FACTORS if f"{key}.{p}" not in names]
                 if missing:
                     raise ValueError(f"it has no {key}.{missing[0]}")
-                left, right, indices, values = (
-                    f.get_tensor(f"{key}.{p}") for p in ("left", "right", "indices", "values")
-                )
+                left, right, indices, values = (f.get_tensor(f"{key}.{p}") for p in FACTORS)
                 q = left.shape[-1] if left.ndim == 2 else -1
                 if left.shape != (a, q) or right.shape != (q, b) or indices.ndim != 1 or values.shape != indices.shape:
                     raise ValueError(
@@ -133,7 +130,7 @@ def read_layer_factors(
 
 def factor_shapes(file: Path, layer: int) -> tuple[int, int]:
     """(rank q, residual entries z) of expert 0's gate in ``file``, read from its header; ValueError when absent."""
-    key = f"layers.{layer}.experts.0.gate"
+    key = factor_key(layer, 0, "gate")
     try:
         with safe_open(file, framework="pt") as f:
             return f.get_slice(f"{key}.left").get_shape()[1], math.prod(f.get_slice(f"{key}.values").get_shape())
@@ -176,9 +173,8 @@ class CompactExperts:
         experts = self.modules.get(layer)
         if experts is None:
             return
-        hidden, intermediate = experts.shapes["down"]
         try:
-            factors = read_layer_factors(self.file, layer, experts.num_experts, hidden, intermediate)
+            factors = read_layer_factors(self.file, layer, experts.num_experts, experts.shapes)
         except ValueError as err:
             raise self._damaged(str(err)) from None
         for m in MATRICES:

@@ -24,6 +24,7 @@ from moemerge.transformers_internals import causal_lm_class, subclass_with_init
 
 SIDECAR = "moemerge_router.safetensors"  # the original routers of a --router grouped output
 LOWRANK_FILE = "moemerge_lowrank.safetensors"  # mc-smoe's low-rank and sparse factors
+FACTORS = ("left", "right", "indices", "values")  # what LOWRANK_FILE holds of each expert matrix
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,6 +40,11 @@ class SourceModel:
     @property
     def uses_pickle(self) -> bool:
         return self.weight_files[0].suffix in PICKLE_SUFFIXES
+
+
+def factor_key(layer: int, expert: int, matrix: str) -> str:
+    """Where one expert matrix's :data:`FACTORS` are in :data:`LOWRANK_FILE`: ``{key}.left`` and so on."""
+    return f"layers.{layer}.experts.{expert}.{matrix}"
 
 
 def inspect_source(path: str | Path, allow_pickle: bool = False, compact: bool = False) -> SourceModel:
