@@ -325,7 +325,9 @@ def build(name: str, vocab: dict):
         return None, Qwen3MoeForCausalLM(config), None
     if name == "deepseek-scratch":
         config = DeepseekV3Config(
-            **COMMON,
+            # MLA keeps one key/value head per query head, as DeepSeek-V3's own config does; transformers' eager
+            # attention and llama.cpp's converter both read num_key_value_heads
+            **dict(COMMON, num_key_value_heads=COMMON["num_attention_heads"]),
             **vocab,
             intermediate_size=256,  # the dense first layer
             first_k_dense_replace=1,

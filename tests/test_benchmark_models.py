@@ -143,6 +143,17 @@ def test_model_is_the_promised_architecture_in_bf16_under_25_mb(trained):
             assert dtypes == {"BF16"}, (file, dtypes)
 
 
+def test_eager_attention_gives_the_default_attention_logits(trained):
+    """The config describes the weights: transformers' eager attention (which reads every head count literally,
+    as llama.cpp's converter does) runs and agrees with the default kernel. deepseek-scratch once said 2 key/value
+    heads for its 4 MLA heads, which only SDPA tolerated."""
+    name, _, model, scores, *_ = trained
+    ids = torch.tensor([scores["wiki"][0][:64]])
+    eager = AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32, attn_implementation="eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(eager.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
 def test_validation_perplexity_at_most_the_card_and_far_below_unigram(trained):
     """Per domain: exp(mean NLL) from a plain log-softmax gather, against the card and a unigram model."""
     name, card, model, scores, *_ = trained
