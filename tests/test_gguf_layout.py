@@ -101,9 +101,10 @@ def test_reduced_checkpoint_is_what_llama_cpp_converts(tmp_path, family, method)
     for (block, name), indices in experts.items():
         assert indices == set(range(4)), (block, name, indices)  # what the converter stacks: 0 .. n-1, no more
     with safe_open(out / "model.safetensors", framework="pt") as f:
-        for _, name in experts:
-            shape = f.get_slice(name.replace(".experts.", ".experts.0.", 1)).get_shape()
+        for (_, name), indices in experts.items():  # torch.stack in the converter needs one shape
             down = name.endswith(("down_proj.weight", "w2.weight"))
-            assert shape == ([config["hidden_size"], width] if down else [width, config["hidden_size"]]), (name, shape)
+            for e in indices:
+                shape = f.get_slice(name.replace(".experts.", f".experts.{e}.", 1)).get_shape()
+                assert shape == ([config["hidden_size"], width] if down else [width, config["hidden_size"]]), (name, e)
     if family == "deepseek_v3":  # grouped routing: the converter writes n_group and topk_group as they are
         assert config["n_routed_experts"] % config["n_group"] == 0 and config["topk_group"] <= config["n_group"]
