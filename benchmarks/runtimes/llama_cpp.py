@@ -5,7 +5,7 @@ Usage: ``python benchmarks/runtimes/llama_cpp.py [--cache DIR] [--work DIR] [--o
 
 llama.cpp is the one that ``llama-cpp-python`` ``LLAMA_CPP_PYTHON`` vendors (its source distribution, fetched by
 pip from the package index; the project's own repository is not reachable here). On first use it is built into
-``--cache`` (default ``~/.cache/moemerge/llama.cpp``): cmake, the four tools below, about 15 minutes on 2 cores; the
+``--cache`` (default ``~/.cache/moemerge/llama.cpp``): cmake, the four tools below, 20-30 minutes on 2 cores; the
 converter's one dependency the project's environment lacks (sentencepiece) goes into ``CACHE/pydeps``.
 
 For each benchmark model (benchmarks/models/), ``moemerge.reduce`` keeps half the experts (the defaults: hc-smoe,
