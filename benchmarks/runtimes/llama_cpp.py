@@ -141,7 +141,7 @@ def convert(llama: Path, cache: Path, model: Path, out: Path) -> Path:
     return out
 
 
-def test_text(path: Path) -> Path:
+def write_test_text(path: Path) -> Path:
     """The five test splits' documents, interleaved one by one and joined by blank lines, as a text file."""
     splits = []
     for domain in DOMAINS:
@@ -152,23 +152,23 @@ def test_text(path: Path) -> Path:
     return path
 
 
-def llama_tokens(bin_dir: Path, gguf: Path, text: Path) -> list[int]:
-    out = run([bin_dir / "llama-tokenize", "-m", gguf, "-f", text, "--ids", "--no-escape", "--log-disable"])
+def llama_tokens(bin_dir: Path, model_file: Path, text: Path) -> list[int]:
+    out = run([bin_dir / "llama-tokenize", "-m", model_file, "-f", text, "--ids", "--no-escape", "--log-disable"])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def llama_perplexity(bin_dir: Path, gguf: Path, text: Path, attempts: int = 5) -> float:
+def llama_perplexity(bin_dir: Path, model_file: Path, text: Path, attempts: int = 5) -> float:
     """llama-perplexity's perplexity over the first CHUNKS chunks: its running value after chunk CHUNKS, which
     is exp(mean NLL) over exactly those chunks. Its log is written by a thread that the process may end before
     the last lines are out (seen here: the final estimate and the last chunks missing, exit code 0), so it runs
     4 chunks further, and again if the value is still missing."""
-    log = gguf.with_suffix(".perplexity.log")
-    argv = [bin_dir / "llama-perplexity", "-m", gguf, "-f", text, "-c", CTX, "-b", CTX, "--chunks", CHUNKS + 4]
+    log = model_file.with_suffix(".perplexity.log")
+    argv = [bin_dir / "llama-perplexity", "-m", model_file, "-f", text, "-c", CTX, "-b", CTX, "--chunks", CHUNKS + 4]
     for _ in range(attempts):
         out = run([*argv, "-t", THREADS, "--log-file", log])
         for found in re.finditer(rf"\[{CHUNKS}\]([0-9.]+),", out.stdout + out.stderr + log.read_text()):
             return float(found.group(1))
-    raise RuntimeError(f"llama-perplexity printed no value for chunk {CHUNKS} of {gguf.name} in {attempts} runs")
+    raise RuntimeError(f"llama-perplexity printed no value for chunk {CHUNKS} of {model_file.name} in {attempts} runs")
 
 
 @torch.inference_mode()
@@ -325,7 +325,7 @@ def main() -> None:
     args = parser.parse_args()
     llama = build(args.cache)
     work = Path(tempfile.mkdtemp(dir=args.work))
-    text = test_text(work / "test.txt")
+    text = write_test_text(work / "test.txt")
     rows = [measure(name, work, llama, args.cache, text) for name in args.models]
     shutil.rmtree(work)
     results = {"machine": speed.machine(), "llama_cpp_python": LLAMA_CPP_PYTHON, "rows": rows}
