@@ -329,9 +329,7 @@ def main() -> None:
     rows = [measure(name, work, llama, args.cache, text) for name in args.models]
     shutil.rmtree(work)
     results = {"machine": speed.machine(), "llama_cpp_python": LLAMA_CPP_PYTHON, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "llama_cpp.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "llama_cpp.md").write_text(markdown(results), encoding="utf-8")
+    speed.write_results(args.out, "llama_cpp", results, markdown(results))
     print(markdown(results))
 
 

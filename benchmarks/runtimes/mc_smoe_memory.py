@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 import moemerge
 from moemerge.checkpoint import inspect_source
-from moemerge.checkpoint.source import LOWRANK_FILE
+from moemerge.checkpoint.source import FACTORS, LOWRANK_FILE, factor_key
 from moemerge.evaluation.cost import bytes_on_disk, measure_in_fresh_process
 from moemerge.merging.low_rank import reconstruct
 
@@ -65,7 +65,7 @@ def variant(path: Path) -> dict:
 
 def stored_factors(factors: dict, key: str, shape: tuple[int, int]) -> torch.Tensor:
     """The float32 L R + S of one stored matrix ``key`` of the factor file's ``factors``."""
-    left, right, indices, values = (factors[f"{key}.{part}"] for part in ("left", "right", "indices", "values"))
+    left, right, indices, values = (factors[f"{key}.{part}"] for part in FACTORS)
     return reconstruct(left, right, indices.long(), values, shape)
 
 
@@ -82,7 +82,7 @@ def logit_differences(dense: Path, compact: Path, vocab: int) -> dict:
     for view in inspect_source(dense).family.moe_layers(model):
         rebuilt = []
         for name, weights in zip(("gate", "up", "down"), view.expert_weights(), strict=True):
-            keys = [f"layers.{view.layer}.experts.{e}.{name}" for e in range(len(weights))]
+            keys = [factor_key(view.layer, e, name) for e in range(len(weights))]
             rebuilt.append(torch.stack([stored_factors(factors, key, tuple(weights.shape[1:])) for key in keys]))
         view.set_experts(*rebuilt)
     exact = model(input_ids=ids).logits
@@ -168,9 +168,7 @@ def main() -> None:
     rows.append(measure("qwen1.5-moe layer", synthetic, work, 8, {"calib": str(token_rows), "param_budget": 0.5}))
     shutil.rmtree(work)
     results = {"machine": speed.machine(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mc_smoe_memory.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "mc_smoe_memory.md").write_text(markdown(results), encoding="utf-8")
+    speed.write_results(args.out, "mc_smoe_memory", results, markdown(results))
     print(markdown(results))
 
 

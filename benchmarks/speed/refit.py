@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
 from pathlib import Path
 
@@ -72,9 +71,7 @@ def main() -> None:
         f"| {r['statistics_seconds']:.1f} |"
         for r in rows
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "refit.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    (args.out / "refit.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    speed.write_results(args.out, "refit", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

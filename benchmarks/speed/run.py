@@ -75,6 +75,13 @@ def one_layer(shape: str, dtype: torch.dtype):
     return family_for(config.to_dict()).moe_layers(model)[0]
 
 
+def write_results(out: Path, stem: str, results: dict, table: str) -> None:
+    """``out/{stem}.json`` (``results``) and ``out/{stem}.md`` (``table``, their markdown), ``out`` made if absent."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(table, encoding="utf-8")
+
+
 def machine() -> str:
     """The line each speed result names its machine by: CPU (see :func:`cpu_model`), cores and torch."""
     return f"{cpu_model()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
@@ -312,9 +319,7 @@ def main() -> None:
     if not args.skip_headline:
         results["headline"] = headline(args.work)
         print(json.dumps(results["headline"], indent=1), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "results.md").write_text(markdown(results), encoding="utf-8")
+    write_results(args.out, "results", results, markdown(results))
     print(f"wrote {args.out}/results.md")
 
 

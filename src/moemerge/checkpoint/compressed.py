@@ -98,9 +98,9 @@ def read_layer_factors(
     file: Path, layer: int, experts: int, shapes: dict[str, tuple[int, int]]
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """The factors of MoE layer ``layer``'s ``experts`` experts in ``file``, whose matrices have ``shapes``
-    (:attr:`CompressedExperts.shapes`), stacked per matrix as :meth:`CompressedExperts.fill` takes them. Raises ValueError naming what is missing or malformed: an expert's
-    factor, a shape other than the layer's, a rank or residual size differing between experts, indices not
-    ascending or outside the matrix."""
+    (:attr:`CompressedExperts.shapes`), stacked per matrix as :meth:`CompressedExperts.fill` takes them. Raises
+    ValueError naming what is missing or malformed: an expert's factor, a shape other than the layer's, a rank or
+    residual size differing between experts, indices not ascending or outside the matrix."""
     stacked = {}
     with safe_open(file, framework="pt") as f:
         names = set(f.keys())
