@@ -189,12 +189,28 @@ def test_deepseek_selection_bias_was_trained_by_the_balancing_rule():
 
 def test_quality_benchmark_smoke_run(tmp_path):
     """The smoke variant writes its table, CSV and plot; its original row's perplexity on the first 512 test tokens
-    of each domain equals an independent computation, and its fidelity to itself is perfect."""
+    of each domain equals an independent computation, and its fidelity to itself is perfect. A results CSV already
+    there keeps another model's rows and loses the measured model's earlier ones."""
     out = tmp_path / "quality"
+    out.mkdir()
+    name = sorted(p.parent.name for p in MODELS.glob("*/card.json"))[0]  # the smoke run's model
+    earlier = {"model": "", "calibration": "", "router": "", "method": "original", "removed": 0.0, "experts": 4}
+    earlier |= {f"ppl_{d}": 7.0 for d in DOMAINS} | {"ppl_mean": 7.0, "hidden_l2": 0.0, "hidden_cosine": 1.0}
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*earlier, "seconds"])
+        writer.writeheader()
+        writer.writerows([earlier | {"model": "other-model", "seconds": 60.0}, earlier | {"model": name, "seconds": 0.0}])
     benchmark = runpy.run_path(str(REPO / "benchmarks" / "quality" / "run.py"), run_name="quality_benchmark")
+    with pytest.raises(SystemExit):
+        benchmark["main"](["--smoke"])  # would replace the committed results
     benchmark["main"](["--smoke", "--out", str(out)])
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows[:1]] == ["other-model"] and float(rows[0]["ppl_mean"]) == 7.0
+    assert (
+        "## other-model (4 experts; original mean test ppl 7.00; benchmark 1 min)" in (out / "results.md").read_text()
+    )
+    rows = rows[1:]
     assert [(r["router"], r["method"]) for r in rows] == [
         ("", "original"),
         ("reduce", "hc-smoe"),
@@ -206,7 +222,7 @@ def test_quality_benchmark_smoke_run(tmp_path):
     assert {r["experts"] for r in rows[1:]} == {str(int(original["experts"]) // 2)}
     assert float(original["hidden_cosine"]) == pytest.approx(1.0, abs=1e-6)
     assert float(original["hidden_l2"]) == pytest.approx(0.0, abs=1e-6)
-    name = original["model"]
+    assert original["model"] == name
     model = AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(MODELS / name)
     for domain in DOMAINS:

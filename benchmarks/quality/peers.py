@@ -14,7 +14,6 @@ already-reduced layers, as ``reduce --sequential`` and ``reduce --method ream`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import itertools
 import tempfile
@@ -115,16 +114,6 @@ def markdown(rows: list[dict], models: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a peers.csv written before (numbers as floats, text as text)."""
-    if not path.exists():
-        return []
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    text = ("model", "calibration", "router", "method")
-    return [{k: v if k in text else float(v) for k, v in row.items()} for row in rows]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="names under benchmarks/models (default: all)")
@@ -145,7 +134,7 @@ def main() -> None:
                 name, variants, quality.REMOVED, ("general",), quality.CALIB_SAMPLES, quality.TEST_TOKENS, log, True
             )
             rows += streamed_rows(name, streamed, Path(work), log)
-            earlier = read_rows(args.out / "peers.csv")
+            earlier = quality.read_rows(args.out / "peers.csv")
             rows = [r for r in earlier if r["model"] != name or r["method"].split(":")[0] not in measured] + rows
             write_csv(rows, args.out / "peers.csv")
             done = sorted({r["model"] for r in rows})

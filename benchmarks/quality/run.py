@@ -21,6 +21,7 @@ it (``tests/test_benchmark_models.py``).
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import sys
 import time
@@ -79,6 +80,16 @@ def test_windows(tokenizer, vocab: int, max_tokens: int) -> dict[str, list[torch
     }
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results csv written before (numbers as floats, text as text); none if there is no file."""
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = ("model", "calibration", "router", "method")
+    return [{k: v if k in text else float(v) for k, v in row.items()} for row in rows]
+
+
 def measure(model, original, family, chunks: dict[str, list[torch.Tensor]]) -> dict:
     """Per-domain perplexity, their geometric mean, and last-hidden fidelity to ``original`` on all windows."""
     row = {f"ppl_{d}": perplexity(model, c)["perplexity"] for d, c in chunks.items()}
@@ -100,7 +111,8 @@ def run_model(
     vocab = model.get_input_embeddings().num_embeddings
     chunks = test_windows(tokenizer, vocab, test_tokens)
     base = {"model": name, "calibration": "", "router": "", "method": "original", "removed": 0.0, "experts": n}
-    rows = [base | measure(model, model, family, chunks) | {"seconds": 0.0}]
+    start = time.perf_counter()
+    rows = [base | measure(model, model, family, chunks)]
     for calib in calib_sets:
         chosen = variants if calib == calib_sets[0] else variants[:1]
         calibration = load_calibration(
@@ -127,7 +139,7 @@ def run_model(
                 rows.append(row | {"seconds": seconds})
                 log(f"{name} {calib} {router} {variant.spec} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
                 del reduced
-    return rows
+    return [rows[0] | {"seconds": time.perf_counter() - start}, *rows[1:]]
 
 
 def runs_with(method, router: str, novices: bool) -> bool:
@@ -221,7 +233,8 @@ def markdown(rows: list[dict], models: list[str], removed, settings: str) -> str
     for model in models:
         original = next(r for r in rows if r["model"] == model and r["method"] == "original")
         lines += [
-            f"## {model} ({original['experts']} experts; original mean test ppl {original['ppl_mean']:.2f})\n",
+            f"## {model} ({original['experts']:.0f} experts; original mean test ppl {original['ppl_mean']:.2f}; "
+            f"benchmark {original['seconds'] / 60:.0f} min)\n",
             "Mean test perplexity over the five domains (hidden-state cosine to the original), calibration: general.\n",
             "| router | method | " + " | ".join(f"-{f:.0%}" for f in removed) + " | seconds |",
             "|---|---|" + "---|" * (len(removed) + 1),
@@ -269,30 +282,34 @@ def plot(rows: list[dict], models: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=None, help="names under benchmarks/models (default: all)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/quality (--smoke: required)")
     ap.add_argument("--smoke", action="store_true", help="one model, two methods, one ratio, few tokens")
     args = ap.parse_args(argv)
+    if args.smoke and args.out is None:
+        ap.error("--smoke needs --out DIR: its rows would replace the committed results")
+    args.out = args.out or REPO / "benchmarks" / "results" / "quality"
     models = args.models or sorted(p.parent.name for p in MODELS.glob("*/card.json"))
     variants, removed, calib_sets, samples, tokens = VARIANTS, REMOVED, CALIB_SETS, CALIB_SAMPLES, TEST_TOKENS
     if args.smoke:
         models, calib_sets = models[:1], CALIB_SETS[:1]
         variants, removed = SMOKE["variants"], SMOKE["removed"]
         samples, tokens = SMOKE["calib_samples"], SMOKE["test_tokens"]
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    rows = []
-    for name in models:
-        rows += run_model(name, variants, removed, calib_sets, samples, tokens, lambda m: print(m, flush=True))
-    minutes = (time.perf_counter() - start) / 60
-    settings = (
-        f"Regenerate: `python benchmarks/quality/run.py{' --smoke' if args.smoke else ''}` ({minutes:.0f} min on "
-        f"2 CPU cores). Calibration: {samples} windows of {SEQ_LEN} tokens; test: the first {tokens:,} tokens of "
-        f"each domain's test split in windows of {SEQ_LEN}; fidelity on all of them. Geometric mean over domains."
-    )
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "results.csv")
-    (args.out / "results.md").write_text(markdown(rows, models, removed, settings), encoding="utf-8")
-    plot(rows, models, args.out / "quality.png")
+    for name in models:
+        torch.manual_seed(0)
+        rows = run_model(name, variants, removed, calib_sets, samples, tokens, lambda m: print(m, flush=True))
+        rows = [r for r in read_rows(args.out / "results.csv") if r["model"] != name] + rows
+        done = sorted({r["model"] for r in rows})
+        minutes = sum(r["seconds"] for r in rows if r["method"] == "original") / 60
+        settings = (
+            f"Regenerate: `python benchmarks/quality/run.py{' --smoke' if args.smoke else ''}` ({minutes:.0f} min "
+            f"on 2 CPU cores, each model's share in its heading; `--models NAME` reruns one). Calibration: "
+            f"{samples} windows of {SEQ_LEN} tokens; test: the first {tokens:,} tokens of each domain's test split "
+            f"in windows of {SEQ_LEN}; fidelity on all of them. Geometric mean over domains."
+        )
+        write_csv(rows, args.out / "results.csv")
+        (args.out / "results.md").write_text(markdown(rows, done, removed, settings), encoding="utf-8")
+        plot(rows, done, args.out / "quality.png")
 
 
 if __name__ == "__main__":
