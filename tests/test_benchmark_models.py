@@ -199,7 +199,9 @@ def test_quality_benchmark_smoke_run(tmp_path):
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*earlier, "seconds"])
         writer.writeheader()
-        writer.writerows([earlier | {"model": "other-model", "seconds": 60.0}, earlier | {"model": name, "seconds": 0.0}])
+        writer.writerows(
+            [earlier | {"model": "other-model", "seconds": 60.0}, earlier | {"model": name, "seconds": 0.0}]
+        )
     benchmark = runpy.run_path(str(REPO / "benchmarks" / "quality" / "run.py"), run_name="quality_benchmark")
     with pytest.raises(SystemExit):
         benchmark["main"](["--smoke"])  # would replace the committed results
@@ -238,3 +240,29 @@ def test_quality_benchmark_smoke_run(tmp_path):
         assert float(row["ppl_mean"]) > 0 and 0 < float(row["hidden_cosine"]) <= 1
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| reduce | hc-smoe |" in (out / "results.md").read_text()
+
+
+def test_quality_benchmark_measure_equals_perplexity_and_fidelity():
+    """The benchmark's one-forward measure gives what the package's perplexity and fidelity compute separately,
+    for a model that differs from the reference (one MoE layer's experts perturbed)."""
+    from moemerge.checkpoint import inspect_source, load_source
+    from moemerge.evaluation.fidelity import fidelity
+    from moemerge.evaluation.perplexity import perplexity
+
+    benchmark = runpy.run_path(str(REPO / "benchmarks" / "quality" / "run.py"), run_name="quality_benchmark")
+    source = inspect_source(MODELS / "olmoe-scratch")
+    original, tokenizer = load_source(source, dtype="float32")
+    changed, _ = load_source(source, dtype="float32")
+    view = source.family.moe_layers(changed)[1]
+    down = view.expert_weights()[2]  # a view: changed in place
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        down.mul_(1 + 0.5 * torch.randn(down.shape, generator=generator))
+    chunks = benchmark["test_windows"](tokenizer, original.get_input_embeddings().num_embeddings, 512)
+    row = benchmark["measure"](changed, benchmark["last_hidden"](original, chunks), chunks)
+    for domain, chunk in chunks.items():
+        assert row[f"ppl_{domain}"] == pytest.approx(perplexity(changed, chunk)["perplexity"], rel=1e-6)
+    expected = fidelity(changed, original, source.family, [w for c in chunks.values() for w in c])["last_hidden"]
+    assert 0.5 < expected["cosine"] < 0.9999
+    assert row["hidden_cosine"] == pytest.approx(expected["cosine"], rel=1e-6)
+    assert row["hidden_l2"] == pytest.approx(expected["l2"], rel=1e-6)

@@ -46,6 +46,7 @@ def streamed_rows(name: str, variants: dict, work: Path, log) -> list[dict]:
     n = source.family.num_experts(original.config)
     vocab = original.get_input_embeddings().num_embeddings
     chunks = quality.test_windows(tokenizer, vocab, quality.TEST_TOKENS)
+    reference = quality.last_hidden(original, chunks)
     rows = []
     for fraction, (variant, options), refit in itertools.product(quality.REMOVED, variants.items(), ("none", "down")):
         r = round(n * (1 - fraction))
@@ -67,7 +68,7 @@ def streamed_rows(name: str, variants: dict, work: Path, log) -> list[dict]:
         seconds = time.perf_counter() - start
         label = variant + ("" if refit == "none" else ":refit=down")
         row = {"model": name, "calibration": "general", "router": "reduce", "method": label, "removed": fraction}
-        row |= {"experts": r} | quality.measure(load_model(out, dtype="float32"), original, source.family, chunks)
+        row |= {"experts": r} | quality.measure(load_model(out, dtype="float32"), reference, chunks)
         rows.append(row | {"seconds": seconds})
         log(f"{name} {label} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
     return rows

@@ -35,8 +35,8 @@ from transformers import AutoConfig
 from moemerge.calibration import load_calibration, load_tokens
 from moemerge.checkpoint import inspect_source, load_source
 from moemerge.compare import parse_variant, reduce_variant, write_csv
-from moemerge.evaluation.fidelity import fidelity
-from moemerge.evaluation.perplexity import perplexity, windows
+from moemerge.evaluation.fidelity import FidelitySums
+from moemerge.evaluation.perplexity import perplexity_of, summed_nll, windows
 from moemerge.pipeline import statistics_needs
 from moemerge.registry import resolve
 from moemerge.statistics import collect_statistics
@@ -90,11 +90,32 @@ def read_rows(path: Path) -> list[dict]:
     return [{k: v if k in text else float(v) for k, v in row.items()} for row in rows]
 
 
-def measure(model, original, family, chunks: dict[str, list[torch.Tensor]]) -> dict:
-    """Per-domain perplexity, their geometric mean, and last-hidden fidelity to ``original`` on all windows."""
-    row = {f"ppl_{d}": perplexity(model, c)["perplexity"] for d, c in chunks.items()}
+@torch.inference_mode()
+def last_hidden(model, chunks: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Per domain, each window's last hidden state [T, H] (the base model's output, after its final norm)."""
+    return {d: [model.model(input_ids=w[None]).last_hidden_state[0] for w in c] for d, c in chunks.items()}
+
+
+@torch.inference_mode()
+def measure(model, reference: dict[str, list[torch.Tensor]], chunks: dict[str, list[torch.Tensor]]) -> dict:
+    """Per-domain perplexity, their geometric mean, and last-hidden fidelity to ``reference`` (the original's
+    :func:`last_hidden`) on all windows, from one forward of each window (a hook on the base model keeps its
+    last hidden state while the causal LM computes the logits)."""
+    captured = []
+    handle = model.model.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state[0]))
+    sums, row = FidelitySums([]), {}
+    try:
+        for domain, chunk in chunks.items():
+            total = 0.0
+            for window, h_ref in zip(chunk, reference[domain], strict=True):
+                captured.clear()
+                total += summed_nll(model(input_ids=window[None]).logits[0], window)
+                sums.add_hidden(captured[0], h_ref)
+            row[f"ppl_{domain}"] = perplexity_of(total, chunk)["perplexity"]
+    finally:
+        handle.remove()
     row["ppl_mean"] = math.exp(sum(math.log(v) for v in row.values()) / len(row))
-    hidden = fidelity(model, original, family, [w for c in chunks.values() for w in c])["last_hidden"]
+    hidden = sums.result()["last_hidden"]
     return row | {"hidden_l2": hidden["l2"], "hidden_cosine": hidden["cosine"]}
 
 
@@ -112,7 +133,8 @@ def run_model(
     chunks = test_windows(tokenizer, vocab, test_tokens)
     base = {"model": name, "calibration": "", "router": "", "method": "original", "removed": 0.0, "experts": n}
     start = time.perf_counter()
-    rows = [base | measure(model, model, family, chunks)]
+    reference = last_hidden(model, chunks)
+    rows = [base | measure(model, reference, chunks)]
     for calib in calib_sets:
         chosen = variants if calib == calib_sets[0] else variants[:1]
         calibration = load_calibration(
@@ -135,7 +157,7 @@ def run_model(
                 reduced, _ = reduce_variant(model, family, config, stats, variant.options, r)
                 seconds = time.perf_counter() - start
                 cell = {"calibration": calib, "router": router, "method": variant.spec, "removed": fraction}
-                row = base | cell | {"experts": r} | measure(reduced, model, family, chunks)
+                row = base | cell | {"experts": r} | measure(reduced, reference, chunks)
                 rows.append(row | {"seconds": seconds})
                 log(f"{name} {calib} {router} {variant.spec} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
                 del reduced

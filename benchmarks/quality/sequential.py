@@ -30,10 +30,10 @@ _spec.loader.exec_module(quality)
 def run_model(name: str, work: Path, log) -> list[dict]:
     source = inspect_source(quality.MODELS / name)
     original, tokenizer = load_source(source, dtype="float32")
-    family = source.family
-    n = family.num_experts(original.config)
+    n = source.family.num_experts(original.config)
     vocab = original.get_input_embeddings().num_embeddings
     chunks = quality.test_windows(tokenizer, vocab, quality.TEST_TOKENS)
+    reference = quality.last_hidden(original, chunks)
     rows = []
     for fraction in REMOVED:
         r = round(n * (1 - fraction))
@@ -52,7 +52,7 @@ def run_model(name: str, work: Path, log) -> list[dict]:
                 report=False,
             )
             row = {"model": name, "statistics": "sequential" if sequential else "original", "removed": fraction}
-            row |= {"experts": r} | quality.measure(load_model(out, dtype="float32"), original, family, chunks)
+            row |= {"experts": r} | quality.measure(load_model(out, dtype="float32"), reference, chunks)
             rows.append(row | {"seconds": result.seconds})
             log(f"{name} -{fraction:.0%} {row['statistics']}: mean ppl {row['ppl_mean']:.2f}")
     return rows
