@@ -1,18 +1,13 @@
-"""Model families moemerge supports, found by ``config.model_type``. A new family is one small file."""
+"""Model families moemerge supports, found by ``config.model_type``. A new family is one entry of
+:mod:`moemerge.adapters.families`."""
 
 from __future__ import annotations
 
 from moemerge.adapters.base import MoEFamily, MoELayerView, RoutingRule
-from moemerge.adapters.deepseek_v3 import DeepseekV3Family
-from moemerge.adapters.mixtral import MixtralFamily
-from moemerge.adapters.olmoe import OlmoeFamily
-from moemerge.adapters.qwen2_moe import Qwen2MoeFamily
-from moemerge.adapters.qwen3_moe import Qwen3MoeFamily
+from moemerge.adapters.families import ENTRIES
 from moemerge.errors import MoemergeError
 
-FAMILIES: dict[str, MoEFamily] = {
-    f.model_type: f for f in (MixtralFamily(), Qwen2MoeFamily(), Qwen3MoeFamily(), OlmoeFamily(), DeepseekV3Family())
-}
+FAMILIES: dict[str, MoEFamily] = {f.model_type: f for f in ENTRIES}
 
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 

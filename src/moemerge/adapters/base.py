@@ -1,14 +1,17 @@
-"""The canonical view of an MoE layer, and the base class of the per-family adapters.
+"""The canonical view of an MoE layer, and the declarative description of a model family.
 
 Methods see only :class:`MoELayerView` tensors (router rows, experts as gate / up / down);
-everything a model family does differently lives in its adapter file. transformers >= 5
-holds the experts of one layer fused: ``experts.gate_up_proj`` [n, 2I, H] (gate rows first,
-then up rows) and ``experts.down_proj`` [n, H, I]; the router is ``block.gate`` with a
-``weight`` [n, H] and, for DeepSeek-V3, a selection-only ``e_score_correction_bias`` [n].
+everything a model family does differently is a field of its :class:`MoEFamily` entry
+(:mod:`moemerge.adapters.families`). transformers >= 5 holds the experts of one layer fused:
+``experts.gate_up_proj`` [n, 2I, H] (gate rows first, then up rows) and ``experts.down_proj``
+[n, H, I]; the router is a module of the block (``gate`` or ``router``) with a ``weight`` [n, H],
+for sigmoid routers a selection-only ``e_score_correction_bias`` [n], and a forward that returns
+(logits [T, n], top-k weights [T, k], top-k ids [T, k]).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +74,15 @@ class MoELayerView:
     """One MoE layer of a loaded model, seen the same way for every family.
 
     Reading returns the live tensors (no copies); :meth:`set_experts` and :meth:`set_router`
-    replace them, changing the number of experts of this layer.
+    replace them, changing the number of experts of this layer. ``router_name``: the block's attribute that
+    holds the router module.
     """
 
-    def __init__(self, layer: int, block: nn.Module, routing: RoutingRule):
+    def __init__(self, layer: int, block: nn.Module, routing: RoutingRule, router_name: str = "gate"):
         self.layer = layer
         self.block = block
         self.routing = routing
+        self.router_name = router_name
         if not hasattr(block.experts, "gate_up_proj"):  # compressed experts (mc-smoe's compact output): no weights
             return
         n, two_i, hidden = block.experts.gate_up_proj.shape
@@ -101,14 +106,23 @@ class MoELayerView:
         return self.block.experts.act_fn
 
     @property
+    def router(self) -> nn.Module:
+        """The block's router module (a transformers router, or moemerge's grouped router around one)."""
+        return getattr(self.block, self.router_name)
+
+    @router.setter
+    def router(self, module: nn.Module) -> None:
+        setattr(self.block, self.router_name, module)
+
+    @property
     def router_weight(self) -> torch.Tensor:
         """[n, H] router rows."""
-        return self.block.gate.weight
+        return self.router.weight
 
     @property
     def selection_bias(self) -> torch.Tensor | None:
         """[n] bias added to the scores for top-k selection only (DeepSeek-V3), else None."""
-        return getattr(self.block.gate, "e_score_correction_bias", None)
+        return getattr(self.router, "e_score_correction_bias", None)
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [n, I, H], up [n, I, H], down [n, H, I]) as views of the fused tensors."""
@@ -130,7 +144,7 @@ class MoELayerView:
 
     def set_router(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Give the router ``weight`` [m, H] rows (and selection ``bias`` [m] where it has one)."""
-        set_router_rows(self.block.gate, weight, bias)
+        set_router_rows(self.router, weight, bias)
 
     def keep_first(self, r: int) -> None:
         """Shrink the layer to its first r experts and router rows (used to give a model the shapes of a
@@ -160,31 +174,74 @@ def set_router_rows(gate: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
         gate.e_score_correction_bias = bias.to(gate.e_score_correction_bias)
 
 
+@dataclass(frozen=True)
 class MoEFamily:
-    """What moemerge knows about one model family. Subclasses set the class attributes.
+    """What moemerge knows about one model family: where its pieces live and how it routes.
 
     model_type: ``config.model_type`` of the family.
     expert_count_field: the config field holding the number of routed experts per layer.
+    block: the decoder layer's attribute holding the MoE block (a layer without one, or whose block has no
+        ``experts``, is dense).
+    router: the block's attribute holding the router module.
+    scoring: "softmax" or "sigmoid" over the router logits.
+    normalize: whether the top-k weights are renormalised: always (True), never (False), or as the config
+        field of this name says.
+    scale: the factor on the top-k weights, or the config field that holds it.
+    group_limited: DeepSeek-V3's group-limited routing, from the config's ``n_group`` and ``topk_group``.
+    checkpoints: well-known checkpoints of the family (for the README's table).
     """
 
-    model_type: str = ""
-    expert_count_field: str = ""
+    model_type: str
+    expert_count_field: str
+    block: str = "mlp"
+    router: str = "gate"
+    scoring: str = "softmax"
+    normalize: bool | str = "norm_topk_prob"
+    scale: float | str = 1.0
+    group_limited: bool = False
+    checkpoints: str = ""
 
     def check_config(self, config, file) -> None:
         """Raise MoemergeError naming the field and ``file`` unless every config field moemerge reads holds a
         usable value: the expert count, layers, sizes and context whole numbers >= 1, top-k from 1 to the
-        expert count, ``norm_topk_prob`` a boolean. Families add their routing fields."""
+        expert count, the renormalisation switch a boolean, the scale a number above 0, and group-limited
+        routing that can run (``n_group`` splits the experts into blocks of at least two, ``topk_group`` of
+        them hold at least top-k experts)."""
         n = config_count(config, self.expert_count_field, file)
         for name in ("num_hidden_layers", "hidden_size", "vocab_size", "max_position_embeddings"):
             config_count(config, name, file)
-        config_count(config, "num_experts_per_tok", file, (n, self.expert_count_field))
-        norm = getattr(config, "norm_topk_prob", None)
-        if norm is not None and not isinstance(norm, bool):
-            raise MoemergeError(f"{file}: norm_topk_prob is {norm!r}; it must be true or false; fix config.json")
+        top_k = config_count(config, "num_experts_per_tok", file, (n, self.expert_count_field))
+        if isinstance(self.normalize, str):
+            norm = getattr(config, self.normalize, None)
+            if norm is not None and not isinstance(norm, bool):
+                raise MoemergeError(f"{file}: {self.normalize} is {norm!r}; it must be true or false; fix config.json")
+        if isinstance(self.scale, str):
+            scale = getattr(config, self.scale, None)
+            if type(scale) not in (int, float) or not 0 < scale < math.inf:
+                raise MoemergeError(f"{file}: {self.scale} is {scale!r}; it must be a number above 0; fix config.json")
+        if self.group_limited:
+            groups = config_count(config, "n_group", file, (n, self.expert_count_field))
+            config_count(config, "topk_group", file, (groups, "n_group"))
+            if n % groups or n // groups < 2 or config.topk_group * (n // groups) < top_k:
+                raise MoemergeError(
+                    f"{file}: n_group {groups} and topk_group {config.topk_group} do not fit "
+                    f"{self.expert_count_field} {n} and num_experts_per_tok {top_k} (n_group must split the "
+                    "experts into equal blocks of at least 2, and topk_group blocks must hold top-k experts); "
+                    "fix config.json"
+                )
 
     def routing_rule(self, config) -> RoutingRule:
-        """Softmax top-k; the top-k weights renormalised where the config says ``norm_topk_prob``."""
-        return RoutingRule(top_k=config.num_experts_per_tok, normalize=bool(getattr(config, "norm_topk_prob", False)))
+        """The family's routing with this config's top-k, renormalisation, scale and groups."""
+        normalize = self.normalize if isinstance(self.normalize, bool) else getattr(config, self.normalize, False)
+        scale = getattr(config, self.scale) if isinstance(self.scale, str) else self.scale
+        return RoutingRule(
+            top_k=config.num_experts_per_tok,
+            scoring=self.scoring,
+            normalize=bool(normalize),
+            scale=scale,
+            n_group=config.n_group if self.group_limited else 1,
+            topk_group=config.topk_group if self.group_limited else 1,
+        )
 
     def num_experts(self, config) -> int:
         return getattr(config, self.expert_count_field)
@@ -192,27 +249,54 @@ class MoEFamily:
     def moe_layers(self, model: nn.Module) -> list[MoELayerView]:
         """Views of the MoE layers of a ``*ForCausalLM`` model, in depth order (dense layers skipped)."""
         rule = self.routing_rule(model.config)
-        return [
-            MoELayerView(i, layer.mlp, rule)
-            for i, layer in enumerate(model.model.layers)
-            if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
-        ]
+        views = []
+        for i, layer in enumerate(model.model.layers):
+            block = getattr(layer, self.block, None)
+            if hasattr(block, "experts") and hasattr(block, self.router):
+                views.append(MoELayerView(i, block, rule, self.router))
+        return views
 
     def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:
         """Blocks of expert ids that a standard r-expert router needs kept apart, each with its share of r.
 
         A group never mixes experts of two blocks. Raises MoemergeError when no valid r-expert
         router exists; ``check_top_k=False`` allows r below top-k (grouped routing keeps the
-        original router, so it still picks top-k distinct originals). The base family has one
-        block: all experts.
+        original router, so it still picks top-k distinct originals). Without group-limited routing there is one
+        block: all experts. With it, the n experts form ``n_group`` contiguous routing groups, each scored by
+        the sum of its two best scores, the best ``topk_group`` of which compete; a reduced router stays valid
+        when every routing group keeps the same number (at least two) of experts and no merged expert mixes
+        routing groups, so each is its own clustering problem and r must be a multiple of ``n_group``.
         """
-        n, k = self.num_experts(config), self.routing_rule(config).top_k
-        if check_top_k and r < k:
+        n, rule = self.num_experts(config), self.routing_rule(config)
+        if rule.n_group == 1:
+            if check_top_k and r < rule.top_k:
+                raise MoemergeError(
+                    f"--experts {r} is below the model's top-k ({rule.top_k}): a standard router must pick "
+                    f"{rule.top_k} distinct experts per token; use --experts >= {rule.top_k}, or --router grouped "
+                    "(which keeps the original router)"
+                )
+            return [(list(range(n)), r)]
+        # r >= topk_group * r / n_group >= top-k, so the check above is implied by the one below
+        per_block, rest = divmod(r, rule.n_group)
+        reaches_top_k = rule.topk_group * per_block >= rule.top_k
+        if rest or per_block < 2 or (check_top_k and not reaches_top_k):
+            valid = [
+                m * rule.n_group
+                for m in range(2, n // rule.n_group)
+                if not check_top_k or rule.topk_group * m >= rule.top_k
+            ]
+            routing = f"n_group={rule.n_group}, topk_group={rule.topk_group}, top-k={rule.top_k}"
+            if rest or per_block < 2:
+                raise MoemergeError(
+                    f"--experts {r} breaks DeepSeek group-limited routing ({routing}): each of the {rule.n_group} "
+                    f"routing groups must keep the same number (>= 2) of experts; use --experts in {valid}"
+                )
             raise MoemergeError(
-                f"--experts {r} is below the model's top-k ({k}): a standard router must pick {k} distinct "
-                f"experts per token; use --experts >= {k}, or --router grouped (which keeps the original router)"
+                f"--experts {r} leaves {rule.topk_group * per_block} experts in the routing groups a token may use "
+                f"({routing}), fewer than top-k; use --experts in {valid}, or --router grouped"
             )
-        return [(list(range(n)), r)]
+        size = n // rule.n_group
+        return [(list(range(g * size, (g + 1) * size)), per_block) for g in range(rule.n_group)]
 
     def set_num_experts(self, model: nn.Module, r: int) -> None:
         """Record r experts per layer in the config (and the model's own copies of the counts).

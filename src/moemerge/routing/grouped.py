@@ -123,10 +123,10 @@ def install_grouped_routers(
     for view in layers:
         kept = KeptRouter(*routers[view.layer])
         layer_groups = groups[view.layer]
-        original = copy.deepcopy(view.block.gate)
+        original = copy.deepcopy(view.router)
         set_router_rows(original, kept.weight, kept.bias, top_k=top_k)
         novices = kept.novices is not None
-        view.block.gate = GroupedRouter(original, expert_map(layer_groups, len(kept.weight), novices))
+        view.router = GroupedRouter(original, expert_map(layer_groups, len(kept.weight), novices))
         if novices:
             Novices(kept.novices.to(original.weight), len(layer_groups)).attach(view.block.experts)
 
@@ -135,10 +135,10 @@ def install_grouped_routers(
 def grouped_routing(view: MoELayerView, kept: KeptRouter, groups: list[list[int]], top_k: int) -> Iterator[None]:
     """Inside, ``view``'s block routes as it will once a ``--router grouped`` output is loaded; after, its gate
     and experts are as before."""
-    gate = view.block.gate
+    gate = view.router
     install_grouped_routers([view], {view.layer: kept}, {view.layer: groups}, top_k)
     try:
         yield
     finally:
-        view.block.gate = gate
+        view.router = gate
         Novices.detach(view.block.experts)

@@ -361,7 +361,7 @@ class LayerAccumulator:
         intermediate activations [chunk, n, I] summed in float64) add up over the chunks.
         """
         view, experts = self.view, self.view.block.experts
-        logits, weights, indices = view.block.gate(x)
+        logits, weights, indices = view.router(x)
         weights = weights.float()
         sequence = Sequence(self, x, logits, indices, weights, weights / weights.sum(-1, keepdim=True))
         parts = {name: s.per_sequence(sequence) for name, s in self.statistics.items() if s.per_sequence}

@@ -109,7 +109,7 @@ class LayerStream:
             self.compact.fill(index, self.storage, torch.device("cpu"))
         layer = load_layer(self.skeleton, self.tensors, index, self.storage).to(self.device)
         view = self.views.get(index)
-        gate = None if view is None else view.block.gate
+        gate = None if view is None else view.router
         as_stored = None if view is None else (view.router_weight.dtype, getattr(view.selection_bias, "dtype", None))
         stored = to_compute(layer, self.compute)
         try:
@@ -124,7 +124,7 @@ class LayerStream:
             yield layer, stored
         finally:
             if gate is not None:
-                view.block.gate = gate
+                view.router = gate
                 Novices.detach(view.block.experts)
             to_storage(layer, stored)  # unloading keeps each tensor's dtype, which the next load takes
             unload(layer)

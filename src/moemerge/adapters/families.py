@@ -1,0 +1,47 @@
+"""The model families moemerge supports: one declarative :class:`MoEFamily` entry each.
+
+Each entry was checked against transformers' own modelling code (``../shared/families.md`` surveys them), and
+``tests/test_families.py`` proves that the canonical view of a tiny random model of each reproduces its MoE
+block's own forward, and that a reduction of each loads and runs as a standard model.
+
+Shared experts (Qwen2-MoE's gated ``shared_expert``, DeepSeek-V3's ``shared_experts``) are not routed: they
+are kept as they are.
+"""
+
+from __future__ import annotations
+
+from moemerge.adapters.base import MoEFamily
+
+_DEEPSEEK_V3 = {  # sigmoid scores, selection bias, group-limited top-k, routed scaling, shared experts
+    "expert_count_field": "n_routed_experts",
+    "scoring": "sigmoid",
+    "scale": "routed_scaling_factor",
+    "group_limited": True,
+}
+
+ENTRIES = (
+    MoEFamily("mixtral", "num_local_experts", normalize=True, checkpoints="Mixtral-8x7B, Mixtral-8x22B"),
+    MoEFamily("minimax", "num_local_experts", normalize=True, checkpoints="MiniMax-Text-01, MiniMax-M1"),
+    MoEFamily("mellum", "num_local_experts"),
+    MoEFamily("qwen2_moe", "num_experts", checkpoints="Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B"),
+    MoEFamily("qwen3_moe", "num_experts", checkpoints="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B"),
+    MoEFamily("qwen3_next", "num_experts", checkpoints="Qwen3-Next-80B-A3B"),
+    MoEFamily("olmoe", "num_experts", checkpoints="OLMoE-1B-7B"),
+    MoEFamily("flex_olmo", "num_experts", checkpoints="FlexOlmo-7x7B"),
+    MoEFamily(
+        "granitemoe",
+        "num_local_experts",
+        block="block_sparse_moe",
+        router="router",
+        normalize=True,
+        checkpoints="granite-3.x-1b-a400m, granite-3.x-3b-a800m, PowerMoE-3B",
+    ),
+    MoEFamily("deepseek_v3", **_DEEPSEEK_V3, checkpoints="DeepSeek-V3, DeepSeek-R1, Kimi-K2, Moonlight"),
+    MoEFamily("deepseek_v32", **_DEEPSEEK_V3, checkpoints="DeepSeek-V3.2-Exp"),
+    MoEFamily("glm4_moe", **_DEEPSEEK_V3, checkpoints="GLM-4.5, GLM-4.5-Air, GLM-4.6"),
+    MoEFamily("glm4_moe_lite", **_DEEPSEEK_V3),
+    MoEFamily("mimo_v2_flash", **_DEEPSEEK_V3, checkpoints="MiMo-V2-Flash"),
+    MoEFamily("solar_open", **_DEEPSEEK_V3),
+    MoEFamily("dots1", **_DEEPSEEK_V3, checkpoints="dots.llm1"),
+    MoEFamily("exaone_moe", **(_DEEPSEEK_V3 | {"expert_count_field": "num_experts"})),
+)

@@ -1,0 +1,200 @@
+"""Every registered family (``moemerge.adapters.FAMILIES``) on a tiny random model built from its own config class.
+
+The oracles are the models' own forwards: the canonical view (router rows, selection bias, routing rule, experts
+as gate / up / down) reproduces each MoE block's routed output, a reduction to all n experts leaves every logit as
+it was, a reduction loads with transformers alone, and merging experts that are exact copies under grouped routing changes no logit. The richer method
+tests run on the five families of ``conftest.FAMILIES``; these prove that each entry describes its family.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import TOKENIZER_DIR, run_cli
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from moemerge import apply_groups, load_model, plan_groups
+from moemerge.adapters import FAMILIES
+from moemerge.statistics import collect_statistics
+
+N, TOP_K, LAYERS = 8, 2, 3
+SIZES = {  # applied where the family's config has the field
+    "vocab_size": 4096,  # the demo tokenizer's
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 24,
+    "max_position_embeddings": 256,
+    "num_hidden_layers": LAYERS,
+    "num_experts_per_tok": TOP_K,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+    "tie_word_embeddings": False,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 24,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": False,  # families that always renormalise ignore it; the others must not renormalise
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "index_n_heads": 2,
+    "index_head_dim": 8,
+    "index_topk": 4,
+    "sliding_window": 16,
+}
+HYBRID = {"minimax", "qwen3_next"}  # linear-attention layers between full-attention ones
+CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]
+
+
+def tiny_config(model_type: str):
+    """A 3-layer config of ``model_type`` with 8 experts, top-2 (2 routing groups where the config has them), the first
+    layer dense where the family has dense layers, and both attention kinds where it is a hybrid."""
+    family, config_class = FAMILIES[model_type], type(CONFIG_MAPPING[model_type]())
+    defaults = config_class()
+    fields = {k: v for k, v in SIZES.items() if hasattr(defaults, k)} | {family.expert_count_field: N}
+    if hasattr(defaults, "kv_lora_rank"):  # multi-head latent attention: one kv head per query head
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    if hasattr(defaults, "n_group"):  # from the config class, not the entry under test
+        fields |= {"n_group": 2, "topk_group": 1}
+    if getattr(defaults, "layer_types", None) is not None:
+        kinds = ["linear_attention", "full_attention"] if model_type in HYBRID else [defaults.layer_types[0]]
+        fields["layer_types"] = [kinds[i % len(kinds)] for i in range(LAYERS)]
+    if getattr(defaults, "mlp_layer_types", None) is not None:
+        fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (LAYERS - 1)
+    return config_class(**fields)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A float32 random model of ``model_type``; router rows scaled up so that routing is decisive, and a random
+    selection bias where the router has one."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for view in FAMILIES[model_type].moe_layers(model):
+            view.router_weight.normal_(0, 0.5)
+            if view.selection_bias is not None:
+                view.selection_bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def save(model, path):
+    model.save_pretrained(path)
+    for file in TOKENIZER_DIR.glob("tokenizer*"):
+        shutil.copyfile(file, path / file.name)
+    return path
+
+
+def logits(model, seed: int = 1) -> torch.Tensor:
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def model_type(request) -> str:
+    return request.param
+
+
+def test_canonical_view_reproduces_the_moe_block(model_type):
+    """On random hidden states, the routed part of each MoE block's output (the block's output less what it gives
+    with every expert's down projection zeroed: its shared experts) equals the canonical view's
+    sum over the rule's top-k of weight x down(act(gate x) * up x). Routing is not degenerate: tokens pick
+    different experts, and with group-limited routing the groups change some token's choice."""
+    family = FAMILIES[model_type]
+    model = tiny_model(model_type)
+    views = family.moe_layers(model)
+    with_experts = [
+        i for i, layer in enumerate(model.model.layers) if any(n.endswith("experts") for n, _ in layer.named_modules())
+    ]
+    assert views and [v.layer for v in views] == with_experts
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    for view in views:
+        with torch.no_grad():
+            full = view.block(x[None])
+            gate, up, down = view.expert_weights()
+            kept = down.clone()
+            down.zero_()
+            shared = view.block(x[None])
+            down.copy_(kept)
+        full, shared = (out[0] if isinstance(out, tuple) else out for out in (full, shared))
+        weights, ids = view.routing.route(x @ view.router_weight.T, view.selection_bias)
+        expected = torch.zeros_like(x)
+        for slot in range(ids.shape[1]):
+            j = ids[:, slot]
+            h = view.act_fn(torch.einsum("th,tih->ti", x, gate[j])) * torch.einsum("th,tih->ti", x, up[j])
+            expected += weights[:, slot, None] * torch.einsum("ti,thi->th", h, down[j])
+        torch.testing.assert_close((full - shared).reshape(x.shape), expected, rtol=1e-4, atol=1e-5)
+        assert len({tuple(sorted(row)) for row in ids.tolist()}) > 3
+        if view.routing.n_group > 1:
+            ungrouped = type(view.routing)(top_k=view.routing.top_k, scoring=view.routing.scoring)
+            assert not torch.equal(
+                ungrouped.route(x @ view.router_weight.T, view.selection_bias)[1].sort()[0], ids.sort()[0]
+            )
+
+
+def test_reduce_to_every_expert_leaves_the_logits(model_type):
+    """Planning and applying n groups of one expert each (reduce mode, frequency router rows) keeps every logit."""
+    model = tiny_model(model_type)
+    family = FAMILIES[model_type]
+    before = logits(model)
+    calibration = [torch.randint(0, 4096, (24,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    stats = collect_statistics(model, family.moe_layers(model), calibration, progress=False)
+    groups = plan_groups(stats, family, model.config, N)
+    assert all(g == [[j] for j in range(N)] for g in groups.values())
+    apply_groups(model, family, stats, groups, router_rows_rule="frequency")
+    assert torch.equal(logits(model), before)
+
+
+def test_reduce_writes_a_standard_checkpoint(model_type, tmp_path, capfd):
+    """``reduce --experts n/2`` (HC-SMoE, router reduce) writes a checkpoint that transformers alone loads, with
+    n/2 experts in every MoE layer and the config saying so, and that runs."""
+    source = save(tiny_model(model_type), tmp_path / "source")
+    code, _, err = run_cli(["reduce", source, "--experts", N // 2, "--out", tmp_path / "out", *CALIB], capfd)
+    assert code == 0, err
+    reduced = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    family = FAMILIES[model_type]
+    assert family.num_experts(reduced.config) == N // 2
+    assert {v.num_experts for v in family.moe_layers(reduced)} == {N // 2}
+    assert logits(reduced).isfinite().all()
+
+
+def test_merging_copies_under_grouped_routing_changes_no_logit(model_type, tmp_path, capfd):
+    """Experts 2i and 2i + 1 made exact copies (router rows distinct): ``reduce --experts n/2 --router grouped``
+    merges each pair (their mean outputs are equal) and the output, loaded by moemerge, gives the original logits;
+    its standard view (r router rows) loads with transformers alone and has n/2 experts per MoE layer."""
+    model = tiny_model(model_type)
+    with torch.no_grad():
+        for view in FAMILIES[model_type].moe_layers(model):
+            for tensor in view.expert_weights():
+                tensor[1::2] = tensor[0::2]
+    source = save(model, tmp_path / "source")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["reduce", source, "--experts", N // 2, "--router", "grouped", "--out", out, *CALIB], capfd)
+    assert code == 0, err
+    torch.testing.assert_close(logits(load_model(out, dtype="float32")), logits(model), rtol=1e-5, atol=1e-6)
+    standard = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert [v.num_experts for v in FAMILIES[model_type].moe_layers(standard)] == [N // 2] * len(
+        FAMILIES[model_type].moe_layers(model)
+    )
+    assert logits(standard).isfinite().all()
+
+
+def test_readme_table_lists_exactly_the_registered_model_types():
+    """The README's table of supported model types names every registered family once, and no other."""
+    readme = (TOKENIZER_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Supported model types", 1)[1].split("\n### ", 1)[0]
+    listed = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")][1:]  # past the header
+    assert sorted(listed) == sorted(FAMILIES)
