@@ -145,17 +145,32 @@ def test_canonical_view_reproduces_the_moe_block(model_type):
             )
 
 
+def calibration() -> list[torch.Tensor]:
+    return [torch.randint(0, 4096, (24,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+
+
 def test_reduce_to_every_expert_leaves_the_logits(model_type):
     """Planning and applying n groups of one expert each (reduce mode, frequency router rows) keeps every logit."""
     model = tiny_model(model_type)
     family = FAMILIES[model_type]
     before = logits(model)
-    calibration = [torch.randint(0, 4096, (24,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    stats = collect_statistics(model, family.moe_layers(model), calibration, progress=False)
+    stats = collect_statistics(model, family.moe_layers(model), calibration(), progress=False)
     groups = plan_groups(stats, family, model.config, N)
     assert all(g == [[j] for j in range(N)] for g in groups.values())
     apply_groups(model, family, stats, groups, router_rows_rule="frequency")
     assert torch.equal(logits(model), before)
+
+
+def test_a_reduced_model_in_memory_runs_as_its_saved_checkpoint(model_type, tmp_path):
+    """A model reduced in memory to n/2 experts (no copy of the old counts left in a block) gives the logits of
+    the same model saved and loaded again by transformers."""
+    model = tiny_model(model_type)
+    family = FAMILIES[model_type]
+    stats = collect_statistics(model, family.moe_layers(model), calibration(), progress=False)
+    apply_groups(model, family, stats, plan_groups(stats, family, model.config, N // 2))
+    model.save_pretrained(tmp_path / "reduced")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "reduced", dtype=torch.float32).eval()
+    assert torch.equal(logits(model), logits(loaded))
 
 
 def test_reduce_writes_a_standard_checkpoint(model_type, tmp_path, capfd):
