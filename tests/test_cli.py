@@ -91,7 +91,7 @@ def test_dense_model(tmp_path, capfd):
     assert "dense" in assert_clean_error(code, err, out)
 
 
-@pytest.mark.parametrize("config_class", ["JambaConfig", "DbrxConfig", "Llama4Config", "GptOssConfig"])
+@pytest.mark.parametrize("config_class", ["PhimoeConfig", "DbrxConfig", "Llama4Config", "GptOssConfig"])
 def test_unsupported_moe_family(tmp_path, capfd, config_class):
     """A Mixture-of-Experts family moemerge lacks (transformers' own config) is named as unsupported, listing the supported ones."""
     config = getattr(transformers, config_class)()

@@ -54,6 +54,11 @@ SIZES = {  # applied where the family's config has the field
     "index_head_dim": 8,
     "index_topk": 4,
     "sliding_window": 16,
+    "use_mamba_kernels": False,  # Jamba: the CUDA kernels
+    "attn_layer_period": 2,
+    "attn_layer_offset": 1,
+    "moe_layer_start_index": 1,  # ERNIE-4.5: the first layer dense
+    "moe_num_shared_experts": 1,
 }
 HYBRID = {"minimax", "qwen3_next"}  # linear-attention layers between full-attention ones
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]
@@ -69,7 +74,10 @@ def tiny_config(model_type: str):
         fields["num_key_value_heads"] = fields["num_attention_heads"]
     if hasattr(defaults, "n_group"):  # from the config class, not the entry under test
         fields |= {"n_group": 2, "topk_group": 1}
-    if getattr(defaults, "layer_types", None) is not None:
+    if getattr(defaults, "layer_types", None) is not None and not isinstance(
+        getattr(config_class, "layer_types", None),
+        property,  # Jamba derives it from layer periods
+    ):
         kinds = ["linear_attention", "full_attention"] if model_type in HYBRID else [defaults.layer_types[0]]
         fields["layer_types"] = [kinds[i % len(kinds)] for i in range(LAYERS)]
     if getattr(defaults, "mlp_layer_types", None) is not None:
@@ -78,15 +86,17 @@ def tiny_config(model_type: str):
 
 
 def tiny_model(model_type: str, seed: int = 0):
-    """A float32 random model of ``model_type``; router rows scaled up so that routing is decisive, and a random
-    selection bias where the router has one."""
+    """A float32 random model of ``model_type``; router rows scaled up so that routing is decisive, and every bias
+    of the block outside its experts (a selection bias) random."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
     with torch.no_grad():
         for view in FAMILIES[model_type].moe_layers(model):
             view.router_weight.normal_(0, 0.5)
-            if view.selection_bias is not None:
-                view.selection_bias.uniform_(-0.1, 0.1)
+            tensors = [*view.block.named_parameters(), *view.block.named_buffers()]
+            for name, tensor in tensors:  # found by name, not through the entry under test
+                if "bias" in name and not name.startswith(("experts.", "shared")):
+                    tensor.uniform_(-0.1, 0.1)
     return model
 
 

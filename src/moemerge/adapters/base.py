@@ -75,14 +75,24 @@ class MoELayerView:
 
     Reading returns the live tensors (no copies); :meth:`set_experts` and :meth:`set_router`
     replace them, changing the number of experts of this layer. ``router_name``: the block's attribute that
-    holds the router module.
+    holds the router module; ``weight_path`` / ``bias_path``: where the router module keeps its rows and its
+    selection bias (dotted attribute paths).
     """
 
-    def __init__(self, layer: int, block: nn.Module, routing: RoutingRule, router_name: str = "gate"):
+    def __init__(
+        self,
+        layer: int,
+        block: nn.Module,
+        routing: RoutingRule,
+        router_name: str = "gate",
+        weight_path: str = "weight",
+        bias_path: str = "e_score_correction_bias",
+    ):
         self.layer = layer
         self.block = block
         self.routing = routing
         self.router_name = router_name
+        self.paths = (weight_path, bias_path)
         if not hasattr(block.experts, "gate_up_proj"):  # compressed experts (mc-smoe's compact output): no weights
             return
         n, two_i, hidden = block.experts.gate_up_proj.shape
@@ -117,12 +127,14 @@ class MoELayerView:
     @property
     def router_weight(self) -> torch.Tensor:
         """[n, H] router rows."""
-        return self.router.weight
+        return router_tensor(self.router, self.paths[0])
 
     @property
     def selection_bias(self) -> torch.Tensor | None:
-        """[n] bias added to the scores for top-k selection only (DeepSeek-V3), else None."""
-        return getattr(self.router, "e_score_correction_bias", None)
+        """[n] bias added to the scores for top-k selection only (DeepSeek-V3), else None; a view of the stored
+        tensor (ERNIE-4.5 stores it as [1, n])."""
+        bias = router_tensor(self.router, self.paths[1])
+        return None if bias is None else bias.view(-1)
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [n, I, H], up [n, I, H], down [n, H, I]) as views of the fused tensors."""
@@ -144,7 +156,7 @@ class MoELayerView:
 
     def set_router(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Give the router ``weight`` [m, H] rows (and selection ``bias`` [m] where it has one)."""
-        set_router_rows(self.router, weight, bias)
+        set_router_rows(self.router, weight, bias, paths=self.paths)
 
     def keep_first(self, r: int) -> None:
         """Shrink the layer to its first r experts and router rows (used to give a model the shapes of a
@@ -160,18 +172,40 @@ def intermediate_activations(gate: torch.Tensor, up: torch.Tensor, act_fn: nn.Mo
     return act_fn(x @ gate.T).float() * (x @ up.T).float()
 
 
-def set_router_rows(gate: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int | None = None) -> None:
-    """Resize a transformers router module in place to m = ``weight.shape[0]`` experts.
+def router_tensor(router: nn.Module, path: str) -> torch.Tensor | None:
+    """The tensor at the dotted attribute ``path`` of a router module, or None where it has none."""
+    owner, _, name = path.rpartition(".")
+    module = router.get_submodule(owner) if owner else router
+    return getattr(module, name, None) if hasattr(module, name) else None
+
+
+def set_router_rows(
+    router: nn.Module,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int | None = None,
+    paths: tuple[str, str] = ("weight", "e_score_correction_bias"),
+) -> None:
+    """Resize a transformers router module in place to m = ``weight.shape[0]`` experts: its rows [m, H] at
+    ``paths[0]`` and, where it has one, its selection bias [m] at ``paths[1]`` (kept in the stored shape).
 
     Its top-k becomes ``top_k`` if given, else stays as it was but never above m.
     """
-    gate.weight = nn.Parameter(weight.to(gate.weight), requires_grad=False)
-    gate.num_experts = weight.shape[0]
-    gate.top_k = top_k if top_k is not None else min(gate.top_k, weight.shape[0])
-    if hasattr(gate, "e_score_correction_bias"):
-        if bias is None:
+    m = weight.shape[0]
+    for path, tensor in zip(paths, (weight, bias), strict=True):
+        owner_path, _, name = path.rpartition(".")
+        owner = router.get_submodule(owner_path) if owner_path else router
+        old = getattr(owner, name, None)
+        if old is None:
+            continue
+        if tensor is None:
             raise ValueError("this router needs a selection bias")
-        gate.e_score_correction_bias = bias.to(gate.e_score_correction_bias)
+        new = tensor.to(old).reshape(*old.shape[:-1], m) if tensor is bias else tensor.to(old)
+        setattr(owner, name, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+        if isinstance(owner, nn.Linear):  # a router whose rows are a Linear's (Hunyuan's ``gate.wg``)
+            owner.out_features = m
+    router.num_experts = m
+    router.top_k = top_k if top_k is not None else min(router.top_k, m)
 
 
 @dataclass(frozen=True)
@@ -183,6 +217,8 @@ class MoEFamily:
     block: the decoder layer's attribute holding the MoE block (a layer without one, or whose block has no
         ``experts``, is dense).
     router: the block's attribute holding the router module.
+    router_weight / selection_bias: where the router module keeps its rows [n, H] and, if it has one, its
+        selection-only bias (dotted attribute paths).
     scoring: "softmax" or "sigmoid" over the router logits.
     normalize: whether the top-k weights are renormalised: always (True), never (False), or as the config
         field of this name says.
@@ -195,6 +231,8 @@ class MoEFamily:
     expert_count_field: str
     block: str = "mlp"
     router: str = "gate"
+    router_weight: str = "weight"
+    selection_bias: str = "e_score_correction_bias"
     scoring: str = "softmax"
     normalize: bool | str = "norm_topk_prob"
     scale: float | str = 1.0
@@ -253,7 +291,7 @@ class MoEFamily:
         for i, layer in enumerate(model.model.layers):
             block = getattr(layer, self.block, None)
             if hasattr(block, "experts") and hasattr(block, self.router):
-                views.append(MoELayerView(i, block, rule, self.router))
+                views.append(MoELayerView(i, block, rule, self.router, self.router_weight, self.selection_bias))
         return views
 
     def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moemerge.adapters.base import MoELayerView, set_router_rows
+from moemerge.adapters.base import MoELayerView, router_tensor, set_router_rows
 
 
 class KeptRouter(NamedTuple):
@@ -57,7 +57,7 @@ class GroupedRouter(nn.Module):
     def __init__(self, router: nn.Module, expert_map: torch.Tensor):
         super().__init__()
         self.router = router
-        self.register_buffer("expert_map", expert_map.to(router.weight.device))
+        self.register_buffer("expert_map", expert_map.to(next(router.parameters()).device))
 
     def forward(self, hidden_states: torch.Tensor):
         logits, weights, indices = self.router(hidden_states)
@@ -124,11 +124,12 @@ def install_grouped_routers(
         kept = KeptRouter(*routers[view.layer])
         layer_groups = groups[view.layer]
         original = copy.deepcopy(view.router)
-        set_router_rows(original, kept.weight, kept.bias, top_k=top_k)
+        set_router_rows(original, kept.weight, kept.bias, top_k=top_k, paths=view.paths)
         novices = kept.novices is not None
         view.router = GroupedRouter(original, expert_map(layer_groups, len(kept.weight), novices))
         if novices:
-            Novices(kept.novices.to(original.weight), len(layer_groups)).attach(view.block.experts)
+            rows = router_tensor(original, view.paths[0])
+            Novices(kept.novices.to(rows), len(layer_groups)).attach(view.block.experts)
 
 
 @contextmanager
