@@ -59,14 +59,16 @@ SIZES = {  # applied where the family's config has the field
     "attn_layer_offset": 1,
     "moe_layer_start_index": 1,  # ERNIE-4.5: the first layer dense
     "moe_num_shared_experts": 1,
+    "topk_method": "group_limited_greedy",  # DeepSeek-V2: the group-limited of its two rules ("greedy" below)
 }
 HYBRID = {"minimax", "qwen3_next"}  # linear-attention layers between full-attention ones
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, **overrides):
     """A 3-layer config of ``model_type`` with 8 experts, top-2 (2 routing groups where the config has them), the first
-    layer dense where the family has dense layers, and both attention kinds where it is a hybrid."""
+    layer dense where the family has dense layers, and both attention kinds where it is a hybrid; ``overrides``
+    replace any field."""
     family, config_class = FAMILIES[model_type], type(CONFIG_MAPPING[model_type]())
     defaults = config_class()
     fields = {k: v for k, v in SIZES.items() if hasattr(defaults, k)} | {family.expert_count_field: N}
@@ -82,14 +84,14 @@ def tiny_config(model_type: str):
         fields["layer_types"] = [kinds[i % len(kinds)] for i in range(LAYERS)]
     if getattr(defaults, "mlp_layer_types", None) is not None:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (LAYERS - 1)
-    return config_class(**fields)
+    return config_class(**(fields | overrides))
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, **overrides):
     """A float32 random model of ``model_type``; router rows scaled up so that routing is decisive, and every bias
     of the block outside its experts (a selection bias) random."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32).eval()
     with torch.no_grad():
         for view in FAMILIES[model_type].moe_layers(model):
             view.router_weight.normal_(0, 0.5)
@@ -123,8 +125,18 @@ def test_canonical_view_reproduces_the_moe_block(model_type):
     with every expert's down projection zeroed: its shared experts) equals the canonical view's
     sum over the rule's top-k of weight x down(act(gate x) * up x). Routing is not degenerate: tokens pick
     different experts, and with group-limited routing the groups change some token's choice."""
+    assert_view_reproduces_the_blocks(model_type, tiny_model(model_type))
+
+
+def test_deepseek_v2_greedy_routing_is_reproduced():
+    """DeepSeek-V2's other rule (``topk_method: greedy``, the default): plain top-k, the groups ignored."""
+    model = tiny_model("deepseek_v2", topk_method="greedy")
+    assert FAMILIES["deepseek_v2"].routing_rule(model.config).n_group == 1
+    assert_view_reproduces_the_blocks("deepseek_v2", model)
+
+
+def assert_view_reproduces_the_blocks(model_type: str, model) -> None:
     family = FAMILIES[model_type]
-    model = tiny_model(model_type)
     views = family.moe_layers(model)
     with_experts = [
         i for i, layer in enumerate(model.model.layers) if any(n.endswith("experts") for n, _ in layer.named_modules())

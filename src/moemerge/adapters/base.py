@@ -28,8 +28,9 @@ class RoutingRule:
     normalize: renormalise the top-k weights to sum to 1.
     scale: factor on the top-k weights (DeepSeek-V3's ``routed_scaling_factor``).
     n_group / topk_group: group-limited routing (DeepSeek-V3): experts are split into
-    ``n_group`` contiguous routing groups, each scored by the sum of its two best selection
+    ``n_group`` contiguous routing groups, each scored by ``group_score`` of its selection
     scores, and only the best ``topk_group`` groups compete.
+    group_score: "top2-sum" (DeepSeek-V3: the sum of a group's two best) or "max" (DeepSeek-V2).
     """
 
     top_k: int
@@ -38,6 +39,7 @@ class RoutingRule:
     scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_score: str = "top2-sum"
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, n] float32 router probabilities (softmax) or scores (sigmoid)."""
@@ -60,7 +62,8 @@ class RoutingRule:
             choice = choice.masked_fill(~keep, float("-inf"))
         if self.n_group > 1:
             grouped = choice.view(len(choice), self.n_group, -1)
-            best_groups = grouped.topk(2, dim=-1)[0].sum(-1).topk(self.topk_group, dim=-1)[1]
+            per_group = grouped.topk(2, dim=-1)[0].sum(-1) if self.group_score == "top2-sum" else grouped.amax(-1)
+            best_groups = per_group.topk(self.topk_group, dim=-1)[1]
             allowed = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
             choice = choice.masked_fill(~allowed.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
         ids = choice.topk(self.top_k, dim=-1)[1]
@@ -223,7 +226,10 @@ class MoEFamily:
     normalize: whether the top-k weights are renormalised: always (True), never (False), or as the config
         field of this name says.
     scale: the factor on the top-k weights, or the config field that holds it.
-    group_limited: DeepSeek-V3's group-limited routing, from the config's ``n_group`` and ``topk_group``.
+    group_limited: DeepSeek-V3's group-limited routing, from the config's ``n_group`` and ``topk_group``:
+        always (True), never (False), or when the config field ``group_limited[0]`` holds ``group_limited[1]``
+        (DeepSeek-V2's ``topk_method``).
+    group_score: how a routing group is scored (:class:`RoutingRule`).
     checkpoints: well-known checkpoints of the family (for the README's table).
     """
 
@@ -236,7 +242,8 @@ class MoEFamily:
     scoring: str = "softmax"
     normalize: bool | str = "norm_topk_prob"
     scale: float | str = 1.0
-    group_limited: bool = False
+    group_limited: bool | tuple[str, str] = False
+    group_score: str = "top2-sum"
     checkpoints: str = ""
 
     def check_config(self, config, file) -> None:
@@ -257,7 +264,7 @@ class MoEFamily:
             scale = getattr(config, self.scale, None)
             if type(scale) not in (int, float) or not 0 < scale < math.inf:
                 raise MoemergeError(f"{file}: {self.scale} is {scale!r}; it must be a number above 0; fix config.json")
-        if self.group_limited:
+        if self.routes_by_group(config):
             groups = config_count(config, "n_group", file, (n, self.expert_count_field))
             config_count(config, "topk_group", file, (groups, "n_group"))
             if n % groups or n // groups < 2 or config.topk_group * (n // groups) < top_k:
@@ -277,9 +284,17 @@ class MoEFamily:
             scoring=self.scoring,
             normalize=bool(normalize),
             scale=scale,
-            n_group=config.n_group if self.group_limited else 1,
-            topk_group=config.topk_group if self.group_limited else 1,
+            n_group=config.n_group if self.routes_by_group(config) else 1,
+            topk_group=config.topk_group if self.routes_by_group(config) else 1,
+            group_score=self.group_score,
         )
+
+    def routes_by_group(self, config) -> bool:
+        """Whether this config's router is group-limited."""
+        if isinstance(self.group_limited, bool):
+            return self.group_limited
+        field, value = self.group_limited
+        return getattr(config, field, None) == value
 
     def num_experts(self, config) -> int:
         return getattr(config, self.expert_count_field)
