@@ -18,6 +18,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moemerge import apply_groups, load_model, plan_groups
 from moemerge.adapters import FAMILIES
+from moemerge.errors import MoemergeError
 from moemerge.statistics import collect_statistics
 
 N, TOP_K, LAYERS = 8, 2, 3
@@ -59,6 +60,8 @@ SIZES = {  # applied where the family's config has the field
     "attn_layer_offset": 1,
     "moe_layer_start_index": 1,  # ERNIE-4.5: the first layer dense
     "moe_num_shared_experts": 1,
+    "moe_router_logit_softcapping": 2.0,  # Laguna: small enough to bend the scaled-up router logits
+    "moe_routed_scaling_factor": 2.5,
     "topk_method": "group_limited_greedy",  # DeepSeek-V2: the group-limited of its two rules ("greedy" below)
 }
 HYBRID = {"minimax", "qwen3_next"}  # linear-attention layers between full-attention ones
@@ -235,3 +238,12 @@ def test_readme_table_lists_exactly_the_registered_model_types():
     section = readme.split("### Supported model types", 1)[1].split("\n### ", 1)[0]
     listed = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")][1:]  # past the header
     assert sorted(listed) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("cap", [-1.0, float("nan"), float("inf")])
+def test_a_router_softcap_that_is_no_number_at_least_0_is_refused(cap):
+    """Laguna's router-logit soft cap must be a number >= 0; anything else is a one-line config error naming it."""
+    config = tiny_config("laguna")
+    config.moe_router_logit_softcapping = cap
+    with pytest.raises(MoemergeError, match=r"moe_router_logit_softcapping is .* a number >= 0"):
+        FAMILIES["laguna"].check_config(config, "config.json")

@@ -31,6 +31,7 @@ class RoutingRule:
     ``n_group`` contiguous routing groups, each scored by ``group_score`` of its selection
     scores, and only the best ``topk_group`` groups compete.
     group_score: "top2-sum" (DeepSeek-V3: the sum of a group's two best) or "max" (DeepSeek-V2).
+    softcap: when above 0, the logits become softcap * tanh(logits / softcap) first (Laguna).
     """
 
     top_k: int
@@ -40,6 +41,7 @@ class RoutingRule:
     n_group: int = 1
     topk_group: int = 1
     group_score: str = "top2-sum"
+    softcap: float = 0.0
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, n] float32 router probabilities (softmax) or scores (sigmoid)."""
@@ -54,6 +56,8 @@ class RoutingRule:
         to -inf before scoring and selection, as if pruned.
         """
         logits = logits.float()
+        if self.softcap > 0:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         scores = self.scores(logits)
@@ -230,6 +234,7 @@ class MoEFamily:
         always (True), never (False), or when the config field ``group_limited[0]`` holds ``group_limited[1]``
         (DeepSeek-V2's ``topk_method``).
     group_score: how a routing group is scored (:class:`RoutingRule`).
+    softcap: the config field holding the router-logit soft cap (:class:`RoutingRule`), if the family has one.
     checkpoints: well-known checkpoints of the family (for the README's table).
     """
 
@@ -244,6 +249,7 @@ class MoEFamily:
     scale: float | str = 1.0
     group_limited: bool | tuple[str, str] = False
     group_score: str = "top2-sum"
+    softcap: str | None = None
     checkpoints: str = ""
 
     def check_config(self, config, file) -> None:
@@ -264,6 +270,10 @@ class MoEFamily:
             scale = getattr(config, self.scale, None)
             if type(scale) not in (int, float) or not 0 < scale < math.inf:
                 raise MoemergeError(f"{file}: {self.scale} is {scale!r}; it must be a number above 0; fix config.json")
+        if self.softcap is not None:
+            cap = getattr(config, self.softcap, 0.0)
+            if type(cap) not in (int, float) or not 0 <= cap < math.inf:
+                raise MoemergeError(f"{file}: {self.softcap} is {cap!r}; it must be a number >= 0; fix config.json")
         if self.routes_by_group(config):
             groups = config_count(config, "n_group", file, (n, self.expert_count_field))
             config_count(config, "topk_group", file, (groups, "n_group"))
@@ -287,6 +297,7 @@ class MoEFamily:
             n_group=config.n_group if self.routes_by_group(config) else 1,
             topk_group=config.topk_group if self.routes_by_group(config) else 1,
             group_score=self.group_score,
+            softcap=getattr(config, self.softcap, 0.0) if self.softcap else 0.0,
         )
 
     def routes_by_group(self, config) -> bool:

@@ -68,5 +68,14 @@ ENTRIES = (
     MoEFamily("mimo_v2_flash", **_DEEPSEEK_V3, checkpoints="MiMo-V2-Flash"),
     MoEFamily("solar_open", **_DEEPSEEK_V3),
     MoEFamily("dots1", **_DEEPSEEK_V3, checkpoints="dots.llm1"),
+    MoEFamily("beam", **(_DEEPSEEK_V3 | {"expert_count_field": "num_experts"})),
+    MoEFamily(
+        "laguna",
+        "num_experts",
+        scoring="sigmoid",
+        normalize=True,
+        scale="moe_routed_scaling_factor",
+        softcap="moe_router_logit_softcapping",
+    ),
     MoEFamily("exaone_moe", **(_DEEPSEEK_V3 | {"expert_count_field": "num_experts"})),
 )
