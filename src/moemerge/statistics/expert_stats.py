@@ -327,8 +327,9 @@ class LayerAccumulator:
         output_sample: int = OUTPUT_SAMPLE_TOKENS,
     ):
         gate_up, down = view.block.experts.gate_up_proj, view.block.experts.down_proj
-        weights = {"experts.gate_up_proj": gate_up, "experts.down_proj": down, "gate.weight": view.router_weight}
-        check_finite(view.layer, weights | {"gate.e_score_correction_bias": view.selection_bias}, WEIGHTS_FIX)
+        weight_path, bias_path = (f"{view.router_name}.{path}" for path in view.paths)
+        weights = {"experts.gate_up_proj": gate_up, "experts.down_proj": down, weight_path: view.router_weight}
+        check_finite(view.layer, weights | {bias_path: view.selection_bias}, WEIGHTS_FIX)
         self.view = view
         self.total_tokens = total_tokens
         self.names = collected(needs)
