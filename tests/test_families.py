@@ -46,6 +46,7 @@ SIZES = {  # applied where the family's config has the field
     "n_shared_experts": 1,
     "first_k_dense_replace": 1,
     "routed_scaling_factor": 2.5,
+    "router_scaling_factor": 2.5,  # Hy-V3
     "norm_topk_prob": False,  # families that always renormalise ignore it; the others must not renormalise
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
@@ -60,11 +61,13 @@ SIZES = {  # applied where the family's config has the field
     "attn_layer_offset": 1,
     "moe_layer_start_index": 1,  # ERNIE-4.5: the first layer dense
     "moe_num_shared_experts": 1,
+    "num_dense_layers": 1,  # LFM2-MoE
     "moe_router_logit_softcapping": 2.0,  # Laguna: small enough to bend the scaled-up router logits
     "moe_routed_scaling_factor": 2.5,
     "topk_method": "group_limited_greedy",  # DeepSeek-V2: the group-limited of its two rules ("greedy" below)
 }
-HYBRID = {"minimax", "qwen3_next"}  # linear-attention layers between full-attention ones
+HYBRID = {"minimax": ["linear_attention", "full_attention"], "qwen3_next": ["linear_attention", "full_attention"]}
+HYBRID["lfm2_moe"] = ["conv", "full_attention"]  # short convolutions between attention layers
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]
 
 
@@ -79,12 +82,12 @@ def tiny_config(model_type: str, **overrides):
         fields["num_key_value_heads"] = fields["num_attention_heads"]
     if hasattr(defaults, "n_group"):  # from the config class, not the entry under test
         fields |= {"n_group": 2, "topk_group": 1}
-    if getattr(defaults, "layer_types", None) is not None and not isinstance(
-        getattr(config_class, "layer_types", None),
-        property,  # Jamba derives it from layer periods
+    if model_type in HYBRID:
+        fields["layer_types"] = [HYBRID[model_type][i % 2] for i in range(LAYERS)]
+    elif getattr(defaults, "layer_types", None) and not isinstance(
+        getattr(config_class, "layer_types", None), property
     ):
-        kinds = ["linear_attention", "full_attention"] if model_type in HYBRID else [defaults.layer_types[0]]
-        fields["layer_types"] = [kinds[i % len(kinds)] for i in range(LAYERS)]
+        fields["layer_types"] = [defaults.layer_types[0]] * LAYERS  # (Jamba derives its list from layer periods)
     if getattr(defaults, "mlp_layer_types", None) is not None:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (LAYERS - 1)
     return config_class(**(fields | overrides))

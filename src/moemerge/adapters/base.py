@@ -32,6 +32,8 @@ class RoutingRule:
     scores, and only the best ``topk_group`` groups compete.
     group_score: "top2-sum" (DeepSeek-V3: the sum of a group's two best) or "max" (DeepSeek-V2).
     softcap: when above 0, the logits become softcap * tanh(logits / softcap) first (Laguna).
+    norm_eps: added to the sum the top-k weights are renormalised by; None: 1e-20 for sigmoid scores, 0 for
+        softmax (LFM2-MoE adds 1e-6).
     """
 
     top_k: int
@@ -42,6 +44,7 @@ class RoutingRule:
     topk_group: int = 1
     group_score: str = "top2-sum"
     softcap: float = 0.0
+    norm_eps: float | None = None
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, n] float32 router probabilities (softmax) or scores (sigmoid)."""
@@ -73,7 +76,8 @@ class RoutingRule:
         ids = choice.topk(self.top_k, dim=-1)[1]
         weights = scores.gather(1, ids)
         if self.normalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if self.scoring == "sigmoid" else 0.0))
+            eps = self.norm_eps if self.norm_eps is not None else 1e-20 if self.scoring == "sigmoid" else 0.0
+            weights = weights / (weights.sum(-1, keepdim=True) + eps)
         return weights * self.scale, ids
 
 
@@ -83,7 +87,8 @@ class MoELayerView:
     Reading returns the live tensors (no copies); :meth:`set_experts` and :meth:`set_router`
     replace them, changing the number of experts of this layer. ``router_name``: the block's attribute that
     holds the router module; ``weight_path`` / ``bias_path``: where the router module keeps its rows and its
-    selection bias (dotted attribute paths).
+    selection bias (dotted attribute paths); ``bias_on_block``: the selection bias is the block's (at
+    ``bias_path``), which the block hands its router as a second argument (MiniMax-M2, LFM2-MoE).
     """
 
     def __init__(
@@ -94,12 +99,14 @@ class MoELayerView:
         router_name: str = "gate",
         weight_path: str = "weight",
         bias_path: str = "e_score_correction_bias",
+        bias_on_block: bool = False,
     ):
         self.layer = layer
         self.block = block
         self.routing = routing
         self.router_name = router_name
-        self.paths = (weight_path, bias_path)
+        self.paths = (weight_path, None if bias_on_block else bias_path)
+        self.block_bias = bias_path if bias_on_block else None
         if not hasattr(block.experts, "gate_up_proj"):  # compressed experts (mc-smoe's compact output): no weights
             return
         n, two_i, hidden = block.experts.gate_up_proj.shape
@@ -140,8 +147,18 @@ class MoELayerView:
     def selection_bias(self) -> torch.Tensor | None:
         """[n] bias added to the scores for top-k selection only (DeepSeek-V3), else None; a view of the stored
         tensor (ERNIE-4.5 stores it as [1, n])."""
-        bias = router_tensor(self.router, self.paths[1])
+        if self.block_bias is not None:
+            bias = router_tensor(self.block, self.block_bias)
+        else:
+            bias = None if self.paths[1] is None else router_tensor(self.router, self.paths[1])
         return None if bias is None else bias.view(-1)
+
+    def route_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T, n], top-k weights [T, k], top-k ids [T, k]) of the router on hidden states ``x`` [T, H],
+        called as the block calls it."""
+        if self.block_bias is None:
+            return self.router(x)
+        return self.router(x, router_tensor(self.block, self.block_bias))
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [n, I, H], up [n, I, H], down [n, H, I]) as views of the fused tensors."""
@@ -164,6 +181,10 @@ class MoELayerView:
     def set_router(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Give the router ``weight`` [m, H] rows (and selection ``bias`` [m] where it has one)."""
         set_router_rows(self.router, weight, bias, paths=self.paths)
+        if self.block_bias is not None and router_tensor(self.block, self.block_bias) is not None:
+            if bias is None:
+                raise ValueError("this block needs a selection bias")
+            replace_tensor(self.block, self.block_bias, bias)
 
     def keep_first(self, r: int) -> None:
         """Shrink the layer to its first r experts and router rows (used to give a model the shapes of a
@@ -186,33 +207,37 @@ def router_tensor(router: nn.Module, path: str) -> torch.Tensor | None:
     return getattr(module, name, None) if hasattr(module, name) else None
 
 
+def replace_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the tensor at the dotted ``path`` of ``module``, in that tensor's dtype, device,
+    kind (parameter or buffer) and leading shape (a bias stored [1, n] becomes [1, m])."""
+    owner_path, _, name = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    old = getattr(owner, name)
+    new = tensor.to(old).reshape(*old.shape[: old.dim() - tensor.dim()], *tensor.shape)
+    setattr(owner, name, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+    if isinstance(owner, nn.Linear):  # a router whose rows are a Linear's (Hunyuan's ``gate.wg``)
+        owner.out_features = tensor.shape[0]
+
+
 def set_router_rows(
     router: nn.Module,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     top_k: int | None = None,
-    paths: tuple[str, str] = ("weight", "e_score_correction_bias"),
+    paths: tuple[str, str | None] = ("weight", "e_score_correction_bias"),
 ) -> None:
     """Resize a transformers router module in place to m = ``weight.shape[0]`` experts: its rows [m, H] at
-    ``paths[0]`` and, where it has one, its selection bias [m] at ``paths[1]`` (kept in the stored shape).
+    ``paths[0]`` and, where it has one, its selection bias [m] at ``paths[1]`` (None: it keeps none).
 
     Its top-k becomes ``top_k`` if given, else stays as it was but never above m.
     """
-    m = weight.shape[0]
-    for path, tensor in zip(paths, (weight, bias), strict=True):
-        owner_path, _, name = path.rpartition(".")
-        owner = router.get_submodule(owner_path) if owner_path else router
-        old = getattr(owner, name, None)
-        if old is None:
-            continue
-        if tensor is None:
+    replace_tensor(router, paths[0], weight)
+    if paths[1] is not None and router_tensor(router, paths[1]) is not None:
+        if bias is None:
             raise ValueError("this router needs a selection bias")
-        new = tensor.to(old).reshape(*old.shape[:-1], m) if tensor is bias else tensor.to(old)
-        setattr(owner, name, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
-        if isinstance(owner, nn.Linear):  # a router whose rows are a Linear's (Hunyuan's ``gate.wg``)
-            owner.out_features = m
-    router.num_experts = m
-    router.top_k = top_k if top_k is not None else min(router.top_k, m)
+        replace_tensor(router, paths[1], bias)
+    router.num_experts = weight.shape[0]
+    router.top_k = top_k if top_k is not None else min(router.top_k, weight.shape[0])
 
 
 @dataclass(frozen=True)
@@ -226,6 +251,8 @@ class MoEFamily:
     router: the block's attribute holding the router module.
     router_weight / selection_bias: where the router module keeps its rows [n, H] and, if it has one, its
         selection-only bias (dotted attribute paths).
+    bias_on_block: the selection bias is the block's attribute ``selection_bias``, handed to the router as a
+        second argument.
     scoring: "softmax" or "sigmoid" over the router logits.
     normalize: whether the top-k weights are renormalised: always (True), never (False), or as the config
         field of this name says.
@@ -235,6 +262,7 @@ class MoEFamily:
         (DeepSeek-V2's ``topk_method``).
     group_score: how a routing group is scored (:class:`RoutingRule`).
     softcap: the config field holding the router-logit soft cap (:class:`RoutingRule`), if the family has one.
+    norm_eps: what the router adds to the sum it renormalises by (:class:`RoutingRule`); None: the rule's default.
     checkpoints: well-known checkpoints of the family (for the README's table).
     """
 
@@ -244,12 +272,14 @@ class MoEFamily:
     router: str = "gate"
     router_weight: str = "weight"
     selection_bias: str = "e_score_correction_bias"
+    bias_on_block: bool = False
     scoring: str = "softmax"
     normalize: bool | str = "norm_topk_prob"
     scale: float | str = 1.0
     group_limited: bool | tuple[str, str] = False
     group_score: str = "top2-sum"
     softcap: str | None = None
+    norm_eps: float | None = None
     checkpoints: str = ""
 
     def check_config(self, config, file) -> None:
@@ -298,6 +328,7 @@ class MoEFamily:
             topk_group=config.topk_group if self.routes_by_group(config) else 1,
             group_score=self.group_score,
             softcap=getattr(config, self.softcap, 0.0) if self.softcap else 0.0,
+            norm_eps=self.norm_eps,
         )
 
     def routes_by_group(self, config) -> bool:
@@ -317,7 +348,8 @@ class MoEFamily:
         for i, layer in enumerate(model.model.layers):
             block = getattr(layer, self.block, None)
             if hasattr(block, "experts") and hasattr(block, self.router):
-                views.append(MoELayerView(i, block, rule, self.router, self.router_weight, self.selection_bias))
+                names = (self.router, self.router_weight, self.selection_bias, self.bias_on_block)
+                views.append(MoELayerView(i, block, rule, *names))
         return views
 
     def partitions(self, config, r: int, check_top_k: bool = True) -> list[tuple[list[int], int]]:

@@ -54,13 +54,17 @@ class GroupedRouter(nn.Module):
     answered by the layer's :class:`Novices`.
     """
 
-    def __init__(self, router: nn.Module, expert_map: torch.Tensor):
+    def __init__(self, router: nn.Module, expert_map: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.router = router
         self.register_buffer("expert_map", expert_map.to(next(router.parameters()).device))
+        self.register_buffer("bias", bias)  # the original selection bias [n] of a block that keeps it (MiniMax-M2)
 
-    def forward(self, hidden_states: torch.Tensor):
-        logits, weights, indices = self.router(hidden_states)
+    def forward(self, hidden_states: torch.Tensor, *block_bias):
+        """The original router's (logits, weights, ids) with ids mapped; the block's own selection bias (the
+        reduced one), where it hands one, is replaced by the original's."""
+        extra = block_bias if self.bias is None else (self.bias,)
+        logits, weights, indices = self.router(hidden_states, *extra)
         return logits, weights, self.expert_map[indices]
 
 
@@ -126,7 +130,8 @@ def install_grouped_routers(
         original = copy.deepcopy(view.router)
         set_router_rows(original, kept.weight, kept.bias, top_k=top_k, paths=view.paths)
         novices = kept.novices is not None
-        view.router = GroupedRouter(original, expert_map(layer_groups, len(kept.weight), novices))
+        bias = kept.bias if view.block_bias is not None else None  # else it is in the router, set above
+        view.router = GroupedRouter(original, expert_map(layer_groups, len(kept.weight), novices), bias)
         if novices:
             rows = router_tensor(original, view.paths[0])
             Novices(kept.novices.to(rows), len(layer_groups)).attach(view.block.experts)

@@ -327,7 +327,8 @@ class LayerAccumulator:
         output_sample: int = OUTPUT_SAMPLE_TOKENS,
     ):
         gate_up, down = view.block.experts.gate_up_proj, view.block.experts.down_proj
-        weight_path, bias_path = (f"{view.router_name}.{path}" for path in view.paths)
+        weight_path = f"{view.router_name}.{view.paths[0]}"
+        bias_path = view.block_bias or f"{view.router_name}.{view.paths[1]}"
         weights = {"experts.gate_up_proj": gate_up, "experts.down_proj": down, weight_path: view.router_weight}
         check_finite(view.layer, weights | {bias_path: view.selection_bias}, WEIGHTS_FIX)
         self.view = view
@@ -362,7 +363,7 @@ class LayerAccumulator:
         intermediate activations [chunk, n, I] summed in float64) add up over the chunks.
         """
         view, experts = self.view, self.view.block.experts
-        logits, weights, indices = view.router(x)
+        logits, weights, indices = view.route_tokens(x)
         weights = weights.float()
         sequence = Sequence(self, x, logits, indices, weights, weights / weights.sum(-1, keepdim=True))
         parts = {name: s.per_sequence(sequence) for name, s in self.statistics.items() if s.per_sequence}
