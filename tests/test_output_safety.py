@@ -495,12 +495,19 @@ def test_signals_while_writing_in_process(tmp_path, capfd, pickled, calib, monke
         time.sleep(30)
 
     monkeypatch.setattr(pipeline, "write_checkpoint", write_then_signal)
-    # stands for the default action (which would kill pytest if main did not take the signal over)
-    previous = {s: signal.signal(s, not_taken_over) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # stands for the default action (which would kill pytest if main did not take the signal over); SIGINT gets
+    # Python's own KeyboardInterrupt handler, which main relies on, since a shell leaves SIGINT ignored in a job it
+    # starts in the background (and main leaves an ignored signal ignored, as nohup users expect)
+    handlers = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: not_taken_over,
+        signal.SIGHUP: not_taken_over,
+    }
+    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}
     try:
         out = tmp_path / "out"
         code, _, err = run_cli(["reduce", pickled, "--calib", calib, *KILLED_RUN, "--out", out], capfd)
-        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is not_taken_over
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
