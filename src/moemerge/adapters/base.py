@@ -141,16 +141,16 @@ class MoELayerView:
     @property
     def router_weight(self) -> torch.Tensor:
         """[n, H] router rows."""
-        return router_tensor(self.router, self.paths[0])
+        return tensor_at(self.router, self.paths[0])
 
     @property
     def selection_bias(self) -> torch.Tensor | None:
         """[n] bias added to the scores for top-k selection only (DeepSeek-V3), else None; a view of the stored
         tensor (ERNIE-4.5 stores it as [1, n])."""
         if self.block_bias is not None:
-            bias = router_tensor(self.block, self.block_bias)
+            bias = tensor_at(self.block, self.block_bias)
         else:
-            bias = None if self.paths[1] is None else router_tensor(self.router, self.paths[1])
+            bias = None if self.paths[1] is None else tensor_at(self.router, self.paths[1])
         return None if bias is None else bias.view(-1)
 
     def route_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +158,7 @@ class MoELayerView:
         called as the block calls it."""
         if self.block_bias is None:
             return self.router(x)
-        return self.router(x, router_tensor(self.block, self.block_bias))
+        return self.router(x, tensor_at(self.block, self.block_bias))
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [n, I, H], up [n, I, H], down [n, H, I]) as views of the fused tensors."""
@@ -181,7 +181,7 @@ class MoELayerView:
     def set_router(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Give the router ``weight`` [m, H] rows (and selection ``bias`` [m] where it has one)."""
         set_router_rows(self.router, weight, bias, paths=self.paths)
-        if self.block_bias is not None and router_tensor(self.block, self.block_bias) is not None:
+        if self.block_bias is not None and tensor_at(self.block, self.block_bias) is not None:
             if bias is None:
                 raise ValueError("this block needs a selection bias")
             replace_tensor(self.block, self.block_bias, bias)
@@ -200,11 +200,11 @@ def intermediate_activations(gate: torch.Tensor, up: torch.Tensor, act_fn: nn.Mo
     return act_fn(x @ gate.T).float() * (x @ up.T).float()
 
 
-def router_tensor(router: nn.Module, path: str) -> torch.Tensor | None:
-    """The tensor at the dotted attribute ``path`` of a router module, or None where it has none."""
-    owner, _, name = path.rpartition(".")
-    module = router.get_submodule(owner) if owner else router
-    return getattr(module, name, None) if hasattr(module, name) else None
+def tensor_at(module: nn.Module, path: str) -> torch.Tensor | None:
+    """The tensor at the dotted attribute ``path`` of ``module`` (a router or a block), or None where it has none."""
+    owner_path, _, name = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    return getattr(owner, name, None)
 
 
 def replace_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
@@ -232,7 +232,7 @@ def set_router_rows(
     Its top-k becomes ``top_k`` if given, else stays as it was but never above m.
     """
     replace_tensor(router, paths[0], weight)
-    if paths[1] is not None and router_tensor(router, paths[1]) is not None:
+    if paths[1] is not None and tensor_at(router, paths[1]) is not None:
         if bias is None:
             raise ValueError("this router needs a selection bias")
         replace_tensor(router, paths[1], bias)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moemerge.adapters.base import MoELayerView, router_tensor, set_router_rows
+from moemerge.adapters.base import MoELayerView, set_router_rows, tensor_at
 
 
 class KeptRouter(NamedTuple):
@@ -133,7 +133,7 @@ def install_grouped_routers(
         bias = kept.bias if view.block_bias is not None else None  # else it is in the router, set above
         view.router = GroupedRouter(original, expert_map(layer_groups, len(kept.weight), novices), bias)
         if novices:
-            rows = router_tensor(original, view.paths[0])
+            rows = tensor_at(original, view.paths[0])
             Novices(kept.novices.to(rows), len(layer_groups)).attach(view.block.experts)
 
 
