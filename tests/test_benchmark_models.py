@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import runpy
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -205,7 +206,9 @@ def test_quality_benchmark_smoke_run(tmp_path):
     benchmark = runpy.run_path(str(REPO / "benchmarks" / "quality" / "run.py"), run_name="quality_benchmark")
     with pytest.raises(SystemExit):
         benchmark["main"](["--smoke"])  # would replace the committed results
+    began = time.perf_counter()
     benchmark["main"](["--smoke", "--out", str(out)])
+    wall = time.perf_counter() - began
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows[:1]] == ["other-model"] and float(rows[0]["ppl_mean"]) == 7.0
@@ -238,6 +241,8 @@ def test_quality_benchmark_smoke_run(tmp_path):
         assert float(original[f"ppl_{domain}"]) == pytest.approx(math.exp(nll / count), rel=1e-4)
     for row in rows[1:]:
         assert float(row["ppl_mean"]) > 0 and 0 < float(row["hidden_cosine"]) <= 1
+    # the original's row times the model's whole benchmark: most of the run, all but loading and writing files
+    assert 0.5 * wall < float(original["seconds"]) < wall
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| reduce | hc-smoe |" in (out / "results.md").read_text()
 

@@ -132,7 +132,7 @@ def run_model(
     vocab = model.get_input_embeddings().num_embeddings
     chunks = test_windows(tokenizer, vocab, test_tokens)
     base = {"model": name, "calibration": "", "router": "", "method": "original", "removed": 0.0, "experts": n}
-    start = time.perf_counter()
+    began = time.perf_counter()
     reference = last_hidden(model, chunks)
     rows = [base | measure(model, reference, chunks)]
     for calib in calib_sets:
@@ -161,7 +161,7 @@ def run_model(
                 rows.append(row | {"seconds": seconds})
                 log(f"{name} {calib} {router} {variant.spec} -{fraction:.0%}: mean ppl {row['ppl_mean']:.2f}")
                 del reduced
-    return [rows[0] | {"seconds": time.perf_counter() - start}, *rows[1:]]
+    return [rows[0] | {"seconds": time.perf_counter() - began}, *rows[1:]]
 
 
 def runs_with(method, router: str, novices: bool) -> bool:
