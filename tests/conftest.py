@@ -164,12 +164,19 @@ def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     return model
 
 
+def save_with_tokenizer(model: torch.nn.Module, path: Path) -> Path:
+    """Write ``model`` as a checkpoint directory with the demo tokenizer beside it; returns ``path``."""
+    model.save_pretrained(path)
+    for file in TOKENIZER_DIR.glob("tokenizer*"):
+        shutil.copyfile(file, path / file.name)
+    return path
+
+
 def save_tiny(family: str, path: Path, seed: int = 0, tokenizer: bool = True, **kwargs) -> Path:
     """Write a tiny model of ``family`` as a checkpoint directory (with the demo tokenizer) and return its path."""
-    tiny_model(family, seed, **kwargs).save_pretrained(path)
     if tokenizer:
-        for file in TOKENIZER_DIR.glob("tokenizer*"):
-            shutil.copyfile(file, path / file.name)
+        return save_with_tokenizer(tiny_model(family, seed, **kwargs), path)
+    tiny_model(family, seed, **kwargs).save_pretrained(path)
     return path
 
 
@@ -236,7 +243,4 @@ def plant_permuted_copies(model: torch.nn.Module, seed: int = 0) -> torch.nn.Mod
 
 def save_permuted_copies(family: str, path: Path, seed: int = 0, **kwargs) -> Path:
     """:func:`save_tiny`'s checkpoint with :func:`plant_permuted_copies` applied (the demo tokenizer included)."""
-    plant_permuted_copies(tiny_model(family, seed, **kwargs), seed).save_pretrained(path)
-    for file in TOKENIZER_DIR.glob("tokenizer*"):
-        shutil.copyfile(file, path / file.name)
-    return path
+    return save_with_tokenizer(plant_permuted_copies(tiny_model(family, seed, **kwargs), seed), path)

@@ -10,12 +10,11 @@ it to that pair's expert with weight 1: the same function, so the same logits as
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOKENIZER_DIR, tiny_model
+from conftest import save_with_tokenizer, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -47,11 +46,7 @@ def source(tmp_path_factory) -> Path:
                 block.experts.gate_up_proj[a + 1] = block.experts.gate_up_proj[a]
                 block.experts.down_proj[a + 1] = block.experts.down_proj[a]
                 block.gate.weight[a + 1] = block.gate.weight[a]
-    path = tmp_path_factory.mktemp("dense") / "qwen3"
-    model.save_pretrained(path)
-    for file in TOKENIZER_DIR.glob("tokenizer*"):
-        shutil.copyfile(file, path / file.name)
-    return path
+    return save_with_tokenizer(model, tmp_path_factory.mktemp("dense") / "qwen3")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "stream"])

@@ -8,11 +8,9 @@ tests run on the five families of ``conftest.FAMILIES``; these prove that each e
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import TOKENIZER_DIR, run_cli
+from conftest import TOKENIZER_DIR, run_cli, save_with_tokenizer
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -108,13 +106,6 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return model
 
 
-def save(model, path):
-    model.save_pretrained(path)
-    for file in TOKENIZER_DIR.glob("tokenizer*"):
-        shutil.copyfile(file, path / file.name)
-    return path
-
-
 def logits(model, seed: int = 1) -> torch.Tensor:
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
@@ -204,7 +195,7 @@ def test_a_reduced_model_in_memory_runs_as_its_saved_checkpoint(model_type, tmp_
 def test_reduce_writes_a_standard_checkpoint(model_type, tmp_path, capfd):
     """``reduce --experts n/2`` (HC-SMoE, router reduce) writes a checkpoint that transformers alone loads, with
     n/2 experts in every MoE layer and the config saying so, and that runs."""
-    source = save(tiny_model(model_type), tmp_path / "source")
+    source = save_with_tokenizer(tiny_model(model_type), tmp_path / "source")
     code, _, err = run_cli(["reduce", source, "--experts", N // 2, "--out", tmp_path / "out", *CALIB], capfd)
     assert code == 0, err
     reduced = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -223,7 +214,7 @@ def test_merging_copies_under_grouped_routing_changes_no_logit(model_type, tmp_p
         for view in FAMILIES[model_type].moe_layers(model):
             for tensor in view.expert_weights():
                 tensor[1::2] = tensor[0::2]
-    source = save(model, tmp_path / "source")
+    source = save_with_tokenizer(model, tmp_path / "source")
     out = tmp_path / "out"
     code, _, err = run_cli(["reduce", source, "--experts", N // 2, "--router", "grouped", "--out", out, *CALIB], capfd)
     assert code == 0, err

@@ -9,12 +9,11 @@ whole-model loaders are made to fail, so a passing test did read one layer at a 
 from __future__ import annotations
 
 import importlib
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, TOKENIZER_DIR, pickle_copy, save_tiny, tiny_model
+from conftest import FAMILIES, TOKENIZER_DIR, pickle_copy, save_tiny, save_with_tokenizer, tiny_model
 from test_cli import TEXT, assert_clean_error, run
 from test_compare import oracle_hidden, oracle_moe_errors, oracle_perplexity
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,10 +80,7 @@ def test_eval_layer_by_layer_equals_the_whole_forward(family, tmp_path, layer_by
     with torch.no_grad():
         model.model.layers[moe[0]].mlp.experts.down_proj.mul_(1.5)
         model.model.layers[moe[-1]].mlp.gate.weight.mul_(-1.0)
-    perturbed = tmp_path / "perturbed"
-    model.save_pretrained(perturbed)
-    for file in TOKENIZER_DIR.glob("tokenizer*"):
-        shutil.copyfile(file, perturbed / file.name)
+    perturbed = save_with_tokenizer(model, tmp_path / "perturbed")
     result = evaluate(perturbed, reference=src, data=str(text_file(tmp_path)), max_tokens=MAX_TOKENS,
                       seq_len=SEQ_LEN, cost=False, progress=False)  # fmt: skip
     reference = AutoModelForCausalLM.from_pretrained(src).eval()

@@ -202,16 +202,20 @@ def intermediate_activations(gate: torch.Tensor, up: torch.Tensor, act_fn: nn.Mo
 
 def tensor_at(module: nn.Module, path: str) -> torch.Tensor | None:
     """The tensor at the dotted attribute ``path`` of ``module`` (a router or a block), or None where it has none."""
-    owner_path, _, name = path.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
+    owner, name = _owner(module, path)
     return getattr(owner, name, None)
+
+
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the submodule of ``module`` that holds the attribute at the dotted ``path``, the attribute's name)."""
+    owner_path, _, name = path.rpartition(".")
+    return (module.get_submodule(owner_path) if owner_path else module), name
 
 
 def replace_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
     """Put ``tensor`` in place of the tensor at the dotted ``path`` of ``module``, in that tensor's dtype, device,
     kind (parameter or buffer) and leading shape (a bias stored [1, n] becomes [1, m])."""
-    owner_path, _, name = path.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
+    owner, name = _owner(module, path)
     old = getattr(owner, name)
     new = tensor.to(old).reshape(*old.shape[: old.dim() - tensor.dim()], *tensor.shape)
     setattr(owner, name, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
@@ -319,13 +323,14 @@ class MoEFamily:
         """The family's routing with this config's top-k, renormalisation, scale and groups."""
         normalize = self.normalize if isinstance(self.normalize, bool) else getattr(config, self.normalize, False)
         scale = getattr(config, self.scale) if isinstance(self.scale, str) else self.scale
+        grouped = self.routes_by_group(config)
         return RoutingRule(
             top_k=config.num_experts_per_tok,
             scoring=self.scoring,
             normalize=bool(normalize),
             scale=scale,
-            n_group=config.n_group if self.routes_by_group(config) else 1,
-            topk_group=config.topk_group if self.routes_by_group(config) else 1,
+            n_group=config.n_group if grouped else 1,
+            topk_group=config.topk_group if grouped else 1,
             group_score=self.group_score,
             softcap=getattr(config, self.softcap, 0.0) if self.softcap else 0.0,
             norm_eps=self.norm_eps,
