@@ -18,8 +18,10 @@ import transformers
 from conftest import EXPERT_FIELD, FAMILIES, pickle_copy, save_tiny, tiny_model
 from conftest import run_cli as run
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moemerge import pipeline
+from moemerge.adapters import REFUSED
 from moemerge.cli import main
 from moemerge.errors import MoemergeError
 
@@ -91,16 +93,31 @@ def test_dense_model(tmp_path, capfd):
     assert "dense" in assert_clean_error(code, err, out)
 
 
-@pytest.mark.parametrize("config_class", ["PhimoeConfig", "DbrxConfig", "Llama4Config", "GptOssConfig"])
-def test_unsupported_moe_family(tmp_path, capfd, config_class):
-    """A Mixture-of-Experts family moemerge lacks (transformers' own config) is named as unsupported, listing the supported ones."""
-    config = getattr(transformers, config_class)()
+def reduce_error_of_config(config, tmp_path, capfd) -> str:
+    """The one-line error of ``reduce`` on a folder holding only ``config`` as config.json (nothing written)."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(config.to_dict()), encoding="utf-8")
     out = tmp_path / "out"
     code, _, err = run(reduce_args(model_dir, out, "--experts", "2"), capfd)
-    line = assert_clean_error(code, err, out)
+    return assert_clean_error(code, err, out)
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_refused_moe_family_says_why(tmp_path, capfd, model_type):
+    """A family whose MoE layers do not fit moemerge's view (transformers' own config of it) is refused in one line
+    that names it and gives the family's reason, before anything is written."""
+    config = CONFIG_MAPPING[model_type]()
+    assert config.model_type == model_type
+    line = reduce_error_of_config(config, tmp_path, capfd)
+    assert f"model family {model_type!r} is not supported: {REFUSED[model_type]}" in line
+
+
+@pytest.mark.parametrize("config_class", ["PhimoeConfig", "DbrxConfig", "Llama4Config", "GptOssConfig"])
+def test_unsupported_moe_family(tmp_path, capfd, config_class):
+    """A Mixture-of-Experts family moemerge lacks (transformers' own config) is named as unsupported, listing the supported ones."""
+    config = getattr(transformers, config_class)()
+    line = reduce_error_of_config(config, tmp_path, capfd)
     assert config.model_type in line
     assert "dense" not in line, "an MoE family must not be reported as a dense model"
     for family in FAMILIES:

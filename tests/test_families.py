@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TOKENIZER_DIR, run_cli, save_with_tokenizer
+from test_streaming import check_streaming_equals_in_memory
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moemerge import apply_groups, load_model, plan_groups
-from moemerge.adapters import FAMILIES
+from moemerge.adapters import FAMILIES, REFUSED
 from moemerge.errors import MoemergeError
 from moemerge.statistics import collect_statistics
 
@@ -45,6 +46,7 @@ SIZES = {  # applied where the family's config has the field
     "first_k_dense_replace": 1,
     "routed_scaling_factor": 2.5,
     "router_scaling_factor": 2.5,  # Hy-V3
+    "route_scale": 2.5,  # AFMoE
     "norm_topk_prob": False,  # families that always renormalise ignore it; the others must not renormalise
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
@@ -64,7 +66,8 @@ SIZES = {  # applied where the family's config has the field
     "moe_routed_scaling_factor": 2.5,
     "topk_method": "group_limited_greedy",  # DeepSeek-V2: the group-limited of its two rules ("greedy" below)
 }
-HYBRID = {"minimax": ["linear_attention", "full_attention"], "qwen3_next": ["linear_attention", "full_attention"]}
+HYBRID = {t: ["linear_attention", "full_attention"] for t in ("minimax", "qwen3_next", "lara_mini")}
+HYBRID |= {t: ["full_attention", "linear_attention"] for t in ("kimi_linear", "bailing_hybrid")}
 HYBRID["lfm2_moe"] = ["conv", "full_attention"]  # short convolutions between attention layers
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]
 
@@ -164,6 +167,48 @@ def assert_view_reproduces_the_blocks(model_type: str, model) -> None:
             )
 
 
+def test_statistics_equal_a_loop_through_the_familys_own_experts(model_type):
+    """Each MoE layer's statistics against an independent count: the (tokens, top-k ids, top-k weights) the block
+    itself hands its experts module (hooked there, so the family's own routing), and each expert's output from
+    that experts module's own forward with every token sent to that expert alone. Checks the counts, the mean
+    routing weight, the mean output over all tokens, the mean output over routed tokens and the REAP saliency."""
+    model = tiny_model(model_type)
+    views = FAMILIES[model_type].moe_layers(model)
+    needs = ("routing_weight_mean", "routed_mean_output")
+    seen = {v.layer: [] for v in views}
+    hooks = [
+        v.block.experts.register_forward_pre_hook(lambda _, args, layer=v.layer: seen[layer].append(args))
+        for v in views
+    ]
+    stats = collect_statistics(model, views, calibration(), needs=needs, progress=False)
+    for hook in hooks:
+        hook.remove()
+    for view in views:
+        x = torch.cat([a[0] for a in seen[view.layer]])
+        ids, weights = torch.cat([a[1] for a in seen[view.layer]]), torch.cat([a[2] for a in seen[view.layer]])
+        with torch.no_grad():
+            outputs = torch.stack(
+                [
+                    view.block.experts(x, torch.full_like(ids[:, :1], j), torch.ones_like(weights[:, :1]))
+                    for j in range(N)
+                ]
+            ).double()  # [n, T, H]
+        chosen = torch.stack([(ids == j).any(1) for j in range(N)])  # [n, T]
+        weight_of = torch.stack([(weights * (ids == j)).sum(1) for j in range(N)]).double()  # [n, T]
+        share = weight_of / weights.sum(1).double()  # REAP's weight: the top-k weights renormalised
+        routed = chosen.sum(1).clamp(min=1)[:, None]
+        got = stats[view.layer]
+        assert got.num_tokens == len(x) and torch.equal(got.counts, chosen.sum(1))
+        assert chosen.sum(1).gt(0).sum() > 2
+        close = dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.routing_weight_mean.double(), weight_of.mean(1), **close)
+        torch.testing.assert_close(got.mean_output.double(), outputs.mean(1), **close)
+        routed_mean = (outputs * chosen[..., None]).sum(1) / routed
+        torch.testing.assert_close(got.routed_mean_output.double(), routed_mean, **close)
+        reap = (share * outputs.norm(dim=-1) * chosen).sum(1) / routed[:, 0]
+        torch.testing.assert_close(got.reap.double(), reap, **close)
+
+
 def calibration() -> list[torch.Tensor]:
     return [torch.randint(0, 4096, (24,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
 
@@ -203,6 +248,14 @@ def test_reduce_writes_a_standard_checkpoint(model_type, tmp_path, capfd):
     assert family.num_experts(reduced.config) == N // 2
     assert {v.num_experts for v in family.moe_layers(reduced)} == {N // 2}
     assert logits(reduced).isfinite().all()
+    prompt = torch.tensor([[11, 402, 97, 1500]])
+    assert reduced.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_streamed_reduce_equals_in_memory(model_type, tmp_path):
+    """The layer-at-a-time reduce writes what the in-memory one writes, bit for bit (test_streaming's oracle)."""
+    source = save_with_tokenizer(tiny_model(model_type), tmp_path / "src")
+    check_streaming_equals_in_memory(tmp_path, source, {"report": False})
 
 
 def test_merging_copies_under_grouped_routing_changes_no_logit(model_type, tmp_path, capfd):
@@ -226,12 +279,15 @@ def test_merging_copies_under_grouped_routing_changes_no_logit(model_type, tmp_p
     assert logits(standard).isfinite().all()
 
 
-def test_readme_table_lists_exactly_the_registered_model_types():
-    """The README's table of supported model types names every registered family once, and no other."""
+@pytest.mark.parametrize("heading,registered", [("Supported model types", FAMILIES), ("Refused model types", REFUSED)])
+def test_readme_tables_list_exactly_the_registered_model_types(heading, registered):
+    """The README's tables of supported and of refused model types name every registered type once, and no
+    other."""
     readme = (TOKENIZER_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Supported model types", 1)[1].split("\n### ", 1)[0]
+    section = readme.split(f"### {heading}", 1)[1].split("\n### ", 1)[0]
     listed = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")][1:]  # past the header
-    assert sorted(listed) == sorted(FAMILIES)
+    assert sorted(listed) == sorted(registered)
+    assert heading != "Supported model types" or f"Supported: {len(FAMILIES)} model types" in readme
 
 
 @pytest.mark.parametrize("cap", [-1.0, float("nan"), float("inf")])

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from moemerge.adapters.base import MoEFamily, MoELayerView, RoutingRule
-from moemerge.adapters.families import ENTRIES
+from moemerge.adapters.families import ENTRIES, REFUSED
 from moemerge.errors import MoemergeError
 
 FAMILIES: dict[str, MoEFamily] = {f.model_type: f for f in ENTRIES}
@@ -27,6 +27,8 @@ def family_for(config: dict) -> MoEFamily:
     model_type = config.get("model_type")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
+    if model_type in REFUSED:
+        raise MoemergeError(f"model family {model_type!r} is not supported: {REFUSED[model_type]}")
     if _names_experts(config):
         raise MoemergeError(
             f"model family {model_type!r} is not supported; supported Mixture-of-Experts families: {', '.join(FAMILIES)}"
@@ -37,4 +39,4 @@ def family_for(config: dict) -> MoEFamily:
     )
 
 
-__all__ = ["FAMILIES", "MoEFamily", "MoELayerView", "RoutingRule", "family_for"]
+__all__ = ["FAMILIES", "REFUSED", "MoEFamily", "MoELayerView", "RoutingRule", "family_for"]

@@ -88,7 +88,8 @@ class MoELayerView:
     replace them, changing the number of experts of this layer. ``router_name``: the block's attribute that
     holds the router module; ``weight_path`` / ``bias_path``: where the router module keeps its rows and its
     selection bias (dotted attribute paths); ``bias_on_block``: the selection bias is the block's (at
-    ``bias_path``), which the block hands its router as a second argument (MiniMax-M2, LFM2-MoE).
+    ``bias_path``), which the block hands its router as a second argument (MiniMax-M2, LFM2-MoE);
+    ``router_takes_batch``: the router is called on hidden states [B, T, H], not [T, H] (AFMoE).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class MoELayerView:
         weight_path: str = "weight",
         bias_path: str = "e_score_correction_bias",
         bias_on_block: bool = False,
+        router_takes_batch: bool = False,
     ):
         self.layer = layer
         self.block = block
@@ -107,6 +109,7 @@ class MoELayerView:
         self.router_name = router_name
         self.paths = (weight_path, None if bias_on_block else bias_path)
         self.block_bias = bias_path if bias_on_block else None
+        self.router_takes_batch = router_takes_batch
         if not hasattr(block.experts, "gate_up_proj"):  # compressed experts (mc-smoe's compact output): no weights
             return
         n, two_i, hidden = block.experts.gate_up_proj.shape
@@ -156,9 +159,10 @@ class MoELayerView:
     def route_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T, n], top-k weights [T, k], top-k ids [T, k]) of the router on hidden states ``x`` [T, H],
         called as the block calls it."""
-        if self.block_bias is None:
-            return self.router(x)
-        return self.router(x, tensor_at(self.block, self.block_bias))
+        args = (x[None] if self.router_takes_batch else x,)
+        if self.block_bias is not None:
+            args += (tensor_at(self.block, self.block_bias),)
+        return self.router(*args)
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [n, I, H], up [n, I, H], down [n, H, I]) as views of the fused tensors."""
@@ -257,6 +261,7 @@ class MoEFamily:
         selection-only bias (dotted attribute paths).
     bias_on_block: the selection bias is the block's attribute ``selection_bias``, handed to the router as a
         second argument.
+    router_takes_batch: the block calls its router on hidden states [B, T, H] (AFMoE), not [T, H].
     scoring: "softmax" or "sigmoid" over the router logits.
     normalize: whether the top-k weights are renormalised: always (True), never (False), or as the config
         field of this name says.
@@ -277,6 +282,7 @@ class MoEFamily:
     router_weight: str = "weight"
     selection_bias: str = "e_score_correction_bias"
     bias_on_block: bool = False
+    router_takes_batch: bool = False
     scoring: str = "softmax"
     normalize: bool | str = "norm_topk_prob"
     scale: float | str = 1.0
@@ -354,6 +360,7 @@ class MoEFamily:
             block = getattr(layer, self.block, None)
             if hasattr(block, "experts") and hasattr(block, self.router):
                 names = (self.router, self.router_weight, self.selection_bias, self.bias_on_block)
+                names += (self.router_takes_batch,)
                 views.append(MoELayerView(i, block, rule, *names))
         return views
 

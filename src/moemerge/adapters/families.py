@@ -46,9 +46,23 @@ ENTRIES = (
         norm_eps=1e-6,
         checkpoints="LFM2-8B-A1B",
     ),
+    MoEFamily(
+        "afmoe",
+        "num_experts",
+        router="router",
+        router_weight="gate.weight",
+        selection_bias="expert_bias",
+        bias_on_block=True,
+        router_takes_batch=True,
+        scoring="sigmoid",
+        normalize=True,
+        scale="route_scale",
+    ),
     MoEFamily("qwen2_moe", "num_experts", checkpoints="Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B"),
     MoEFamily("qwen3_moe", "num_experts", checkpoints="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B"),
     MoEFamily("qwen3_next", "num_experts", checkpoints="Qwen3-Next-80B-A3B"),
+    MoEFamily("flint", "num_experts", scoring="sigmoid", norm_eps=0.0),
+    MoEFamily("lara_mini", "num_experts"),
     MoEFamily("olmoe", "num_experts", checkpoints="OLMoE-1B-7B"),
     MoEFamily("flex_olmo", "num_experts", checkpoints="FlexOlmo-7x7B"),
     MoEFamily(
@@ -59,6 +73,8 @@ ENTRIES = (
         normalize=True,
         checkpoints="granite-3.x-1b-a400m, granite-3.x-3b-a800m, PowerMoE-3B",
     ),
+    MoEFamily("granitemoeshared", "num_local_experts", block="block_sparse_moe", router="router", normalize=True),
+    MoEFamily("granitemoe_swa", "num_local_experts", block="block_sparse_moe", router="router", normalize=True),
     MoEFamily(
         "jamba",
         "num_experts",
@@ -88,6 +104,12 @@ ENTRIES = (
     MoEFamily("deepseek_v32", **_DEEPSEEK_V3, checkpoints="DeepSeek-V3.2-Exp"),
     MoEFamily("glm4_moe", **_DEEPSEEK_V3, checkpoints="GLM-4.5, GLM-4.5-Air, GLM-4.6"),
     MoEFamily("glm4_moe_lite", **_DEEPSEEK_V3),
+    MoEFamily("sarvam_mla", **_DEEPSEEK_V3),
+    MoEFamily("sarvam_moe", **_DEEPSEEK_V3),
+    MoEFamily(
+        "kimi_linear", **(_DEEPSEEK_V3 | {"expert_count_field": "num_experts"}), checkpoints="Kimi-Linear-48B-A3B"
+    ),
+    MoEFamily("bailing_hybrid", **(_DEEPSEEK_V3 | {"expert_count_field": "num_experts"})),
     MoEFamily("mimo_v2_flash", **_DEEPSEEK_V3, checkpoints="MiMo-V2-Flash"),
     MoEFamily("solar_open", **_DEEPSEEK_V3),
     MoEFamily("dots1", **_DEEPSEEK_V3, checkpoints="dots.llm1"),
@@ -102,3 +124,17 @@ ENTRIES = (
     ),
     MoEFamily("exaone_moe", **(_DEEPSEEK_V3 | {"expert_count_field": "num_experts"})),
 )
+
+REFUSED = {  # model types whose MoE layers do not fit the canonical view: why, as the one-line error says it
+    "longcat_flash": "its routers also pick identity ('zero') experts, which have no weights to merge",
+    "ernie4_5_vl_moe": "each layer has separate text and vision experts, routed by modality",
+    "zaya": "its router carries state from one layer to the next",
+    "doge": "its experts are product-key rank-1 vectors, not feed-forward experts",
+    "deepseek_v4": "its first MoE layers route by token id (hash routing), not by a learned router",
+    "glm_moe_dsa": "each decoder layer hands the next its attention indexer's choices, which moemerge's "
+    "layer-at-a-time pipeline does not carry",
+    "diffusion_gemma": "it is a diffusion language model; moemerge calibrates and evaluates causal language models",
+    "jetmoe": "its attention is itself a mixture of experts, and its experts carry output biases",
+    "switch_transformers": "encoder-decoder models with expert capacity are not supported yet",
+    "nllb-moe": "encoder-decoder models with expert capacity are not supported yet",
+}

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -50,17 +51,16 @@ class SourceTensors:
 def skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The ``*ForCausalLM`` model of ``config`` with every weight on the meta device (no memory), in eval mode.
 
-    Buffers outside the decoder layers (the rotary embedding's frequencies) are computed for real.
+    Buffers (the rotary embeddings' frequencies, selection biases) are real: they are computed from the
+    config, and the checkpoint's own values replace those it stores.
     """
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = transformers_call(
             "transformers could not build the model of this config.json",
             lambda: AutoModelForCausalLM.from_config(config, dtype=dtype),
         )
+    model.tie_weights()  # init_empty_weights re-creates every parameter it registers, so a tied head came apart
     runnable_experts_kernel(model)
-    for name, module in model.model.named_children():
-        if any(b.is_meta for b in module.buffers(recurse=False)) and not list(module.parameters()):
-            setattr(model.model, name, type(module)(config=model.config))
     return model.eval()
 
 
@@ -129,7 +129,9 @@ def load_outside(model: nn.Module, source: SourceTensors, dtype: torch.dtype, on
     """Fill the weights outside the decoder layers (with ``only_input``: the input embeddings alone)."""
     if only_input:
         prefix = _module_name(model, model.get_input_embeddings()) + "."
-        load_into(model, source.read(source.names(prefix)), dtype, lambda name: name.startswith(prefix))
+        state = {prefix + name: t for name, t in model.get_input_embeddings().state_dict().items()}
+        stored = list(to_disk_layout(model, state))  # on-disk names (BailingHybrid's ``model.word_embeddings``)
+        load_into(model, source.read(stored), dtype, lambda name: name.startswith(prefix))
     else:
         names = [name for name in source.file_of if not name.startswith(LAYERS)]
         load_into(model, source.read(names), dtype, lambda name: not name.startswith(LAYERS))
