@@ -66,7 +66,7 @@ SIZES = {  # applied where the family's config has the field
     "moe_routed_scaling_factor": 2.5,
     "topk_method": "group_limited_greedy",  # DeepSeek-V2: the group-limited of its two rules ("greedy" below)
 }
-HYBRID = {t: ["linear_attention", "full_attention"] for t in ("minimax", "qwen3_next", "lara_mini")}
+HYBRID = {t: ["linear_attention", "full_attention"] for t in ("minimax", "qwen3_next", "qwen3_5_moe_text", "lara_mini")}
 HYBRID |= {t: ["full_attention", "linear_attention"] for t in ("kimi_linear", "bailing_hybrid")}
 HYBRID["lfm2_moe"] = ["conv", "full_attention"]  # short convolutions between attention layers
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]

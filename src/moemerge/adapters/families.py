@@ -61,6 +61,7 @@ ENTRIES = (
     MoEFamily("qwen2_moe", "num_experts", checkpoints="Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B"),
     MoEFamily("qwen3_moe", "num_experts", checkpoints="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B"),
     MoEFamily("qwen3_next", "num_experts", checkpoints="Qwen3-Next-80B-A3B"),
+    MoEFamily("qwen3_5_moe_text", "num_experts", normalize=True),
     MoEFamily("flint", "num_experts", scoring="sigmoid", norm_eps=0.0),
     MoEFamily("lara_mini", "num_experts"),
     MoEFamily("olmoe", "num_experts", checkpoints="OLMoE-1B-7B"),
