@@ -64,11 +64,18 @@ SIZES = {  # applied where the family's config has the field
     "num_dense_layers": 1,  # LFM2-MoE
     "moe_router_logit_softcapping": 2.0,  # Laguna: small enough to bend the scaled-up router logits
     "moe_routed_scaling_factor": 2.5,
+    "mamba_n_heads": 8,  # Granite-4.0-H: must divide mamba_expand x hidden_size
+    "mamba_d_state": 8,
+    "mamba_chunk_size": 16,
     "topk_method": "group_limited_greedy",  # DeepSeek-V2: the group-limited of its two rules ("greedy" below)
 }
 HYBRID = {t: ["linear_attention", "full_attention"] for t in ("minimax", "qwen3_next", "qwen3_5_moe_text", "lara_mini")}
 HYBRID |= {t: ["full_attention", "linear_attention"] for t in ("kimi_linear", "bailing_hybrid")}
-HYBRID["lfm2_moe"] = ["conv", "full_attention"]  # short convolutions between attention layers
+HYBRID["lfm2_moe"] = ["conv", "full_attention"]
+HYBRID["granitemoehybrid"] = [
+    "linear_attention",
+    "full_attention",
+]  # Mamba-2 mixers between attention layers  # short convolutions between attention layers
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]
 
 

@@ -77,6 +77,14 @@ ENTRIES = (
     MoEFamily("granitemoeshared", "num_local_experts", block="block_sparse_moe", router="router", normalize=True),
     MoEFamily("granitemoe_swa", "num_local_experts", block="block_sparse_moe", router="router", normalize=True),
     MoEFamily(
+        "granitemoehybrid",
+        "num_local_experts",
+        block="block_sparse_moe",
+        router="router",
+        normalize=True,
+        checkpoints="Granite-4.0-H-Small, Granite-4.0-H-Tiny",
+    ),
+    MoEFamily(
         "jamba",
         "num_experts",
         block="feed_forward",
