@@ -2,8 +2,9 @@
 
 The oracles are the models' own forwards: the canonical view (router rows, selection bias, routing rule, experts
 as gate / up / down) reproduces each MoE block's routed output, a reduction to all n experts leaves every logit as
-it was, a reduction loads with transformers alone, and merging experts that are exact copies under grouped routing changes no logit. The richer method
-tests run on the five families of ``conftest.FAMILIES``; these prove that each entry describes its family.
+it was, a reduction loads with transformers alone, and merging experts that are exact copies under grouped routing changes no logit. Every method runs
+on one family of each layout (``LAYOUTS``); the richer method tests run on the five families of
+``conftest.FAMILIES``; these prove that each entry describes its family.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from moemerge import apply_groups, load_model, plan_groups
 from moemerge.adapters import FAMILIES, REFUSED
 from moemerge.errors import MoemergeError
 from moemerge.statistics import collect_statistics
+from moemerge.streaming import reduce_streaming
 
 N, TOP_K, LAYERS = 8, 2, 3
 SIZES = {  # applied where the family's config has the field
@@ -33,6 +35,7 @@ SIZES = {  # applied where the family's config has the field
     "max_position_embeddings": 256,
     "num_hidden_layers": LAYERS,
     "num_experts_per_tok": TOP_K,
+    "moe_topk": TOP_K,  # Aria
     "bos_token_id": 0,
     "eos_token_id": 0,
     "pad_token_id": 0,
@@ -142,6 +145,7 @@ def test_deepseek_v2_greedy_routing_is_reproduced():
     assert_view_reproduces_the_blocks("deepseek_v2", model)
 
 
+@torch.no_grad()
 def assert_view_reproduces_the_blocks(model_type: str, model) -> None:
     family = FAMILIES[model_type]
     views = family.moe_layers(model)
@@ -151,13 +155,12 @@ def assert_view_reproduces_the_blocks(model_type: str, model) -> None:
     assert views and [v.layer for v in views] == with_experts
     x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
     for view in views:
-        with torch.no_grad():
-            full = view.block(x[None])
-            gate, up, down = view.expert_weights()
-            kept = down.clone()
-            down.zero_()
-            shared = view.block(x[None])
-            down.copy_(kept)
+        full = view.block(x[None])
+        gate, up, down = view.expert_weights()
+        kept = down.clone()
+        down.zero_()
+        shared = view.block(x[None])
+        down.copy_(kept)
         full, shared = (out[0] if isinstance(out, tuple) else out for out in (full, shared))
         weights, ids = view.routing.route(x @ view.router_weight.T, view.selection_bias)
         expected = torch.zeros_like(x)
@@ -257,6 +260,44 @@ def test_reduce_writes_a_standard_checkpoint(model_type, tmp_path, capfd):
     assert logits(reduced).isfinite().all()
     prompt = torch.tensor([[11, 402, 97, 1500]])
     assert reduced.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+LAYOUTS = {  # one type per way a family stores or calls its experts and router
+    "aria_text": "experts stored transposed",
+    "afmoe": "router called on [B, T, H], selection bias on the block, rows at router.gate.weight",
+    "ernie4_5_moe": "selection bias at gate.moe_statics, stored [1, n]",
+    "hunyuan_v1_moe": "router rows at gate.wg.weight",
+    "deepseek_v2": "group-limited routing scored by the group's best",
+}
+METHODS = [
+    {"method": "mc-smoe"},
+    {"method": "mc-smoe", "mc_smoe_dense": True, "router": "grouped"},
+    {"cluster": "fcm"},
+    {"merge": "zipit", "align": True},
+    {"method": "o-prune", "oprune_budget": 50},
+    {"method": "reap", "refit": "down"},
+    {"method": "mone", "router": "grouped", "refit": "down"},
+]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("options", METHODS, ids=["-".join(map(str, o.values())) for o in METHODS])
+def test_every_method_runs_on_every_layout(layout, options, tmp_path):
+    """Each method (merging, alignment, pruning, novices, the refit, MC-SMoE compact and dense, REAM) reduces a
+    family of each layout, streamed exactly as in memory, to a checkpoint that loads (test_streaming's oracle)."""
+    source = save_with_tokenizer(tiny_model(layout), tmp_path / "src")
+    check_streaming_equals_in_memory(tmp_path, source, options | {"report": False})
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_ream_runs_on_every_layout(layout, tmp_path):
+    """REAM (layer-sequential: each layer's statistics from the already-reduced layers, so no in-memory twin)
+    writes a checkpoint that transformers alone loads, with n/2 experts in every MoE layer, and that runs."""
+    source = save_with_tokenizer(tiny_model(layout), tmp_path / "src")
+    reduce_streaming(source, tmp_path / "out", method="ream", experts=N // 2, calib_samples=3, calib_seq_len=24)
+    reduced = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert {v.num_experts for v in FAMILIES[layout].moe_layers(reduced)} == {N // 2}
+    assert logits(reduced).isfinite().all()
 
 
 def test_streamed_reduce_equals_in_memory(model_type, tmp_path):

@@ -336,7 +336,7 @@ def check_uniform_source(path: Path) -> None:
 
 def compression_rank(view: MoELayerView, rank: int | None, sparsity: float, param_budget: float | None) -> int:
     """MC-SMoE's rank: ``rank``, the largest within ``param_budget``, or by default I/4."""
-    shape = tuple(view.block.experts.down_proj.shape[1:])  # [H, I]; gate and up are [I, H]: same size and a + b
+    shape = tuple(view.down.shape[1:])  # [H, I]; gate and up are [I, H]: same size and a + b
     if param_budget is None:
         return rank or shape[1] // 4
     fitting = rank_for_budget(shape, sparsity, param_budget)

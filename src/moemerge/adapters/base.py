@@ -4,7 +4,8 @@ Methods see only :class:`MoELayerView` tensors (router rows, experts as gate / u
 everything a model family does differently is a field of its :class:`MoEFamily` entry
 (:mod:`moemerge.adapters.families`). transformers >= 5 holds the experts of one layer fused:
 ``experts.gate_up_proj`` [n, 2I, H] (gate rows first, then up rows) and ``experts.down_proj``
-[n, H, I]; the router is a module of the block (``gate`` or ``router``) with a ``weight`` [n, H],
+[n, H, I], or both transposed ([n, H, 2I] and [n, I, H]) where the experts module says ``is_transposed``
+(Aria); the router is a module of the block (``gate`` or ``router``) with a ``weight`` [n, H],
 for sigmoid routers a selection-only ``e_score_correction_bias`` [n], and a forward that returns
 (logits [T, n], top-k weights [T, k], top-k ids [T, k]).
 """
@@ -110,13 +111,15 @@ class MoELayerView:
         self.paths = (weight_path, None if bias_on_block else bias_path)
         self.block_bias = bias_path if bias_on_block else None
         self.router_takes_batch = router_takes_batch
+        self.transposed = getattr(block.experts, "is_transposed", False)
         if not hasattr(block.experts, "gate_up_proj"):  # compressed experts (mc-smoe's compact output): no weights
             return
-        n, two_i, hidden = block.experts.gate_up_proj.shape
-        if block.experts.down_proj.shape != (n, hidden, two_i // 2):
+        n, two_i, hidden = self.gate_up.shape
+        if self.down.shape != (n, hidden, two_i // 2):
+            expected = "[n, H, 2I] and [n, I, H]" if self.transposed else "[n, 2I, H] and [n, H, I]"
             raise MoemergeError(
                 f"layer {layer}: unexpected expert layout gate_up_proj {tuple(block.experts.gate_up_proj.shape)}, "
-                f"down_proj {tuple(block.experts.down_proj.shape)}; moemerge expects [n, 2I, H] and [n, H, I]"
+                f"down_proj {tuple(block.experts.down_proj.shape)}; moemerge expects {expected}"
             )
 
     @property
@@ -164,10 +167,32 @@ class MoELayerView:
             args += (tensor_at(self.block, self.block_bias),)
         return self.router(*args)
 
+    @property
+    def gate_up(self) -> torch.Tensor:
+        """[n, 2I, H] the experts' gate rows then up rows: the stored tensor, or a transposed view of it."""
+        stored = self.block.experts.gate_up_proj
+        return stored.transpose(1, 2) if self.transposed else stored
+
+    @property
+    def down(self) -> torch.Tensor:
+        """[n, H, I] the experts' down projections: the stored tensor, or a transposed view of it."""
+        stored = self.block.experts.down_proj
+        return stored.transpose(1, 2) if self.transposed else stored
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[t, n, 2I] every expert's gate and up projections of hidden states ``x`` [t, H], in the weights' dtype,
+        as one matrix multiply that copies no weight."""
+        stored = self.block.experts.gate_up_proj
+        x = x.to(stored.dtype)
+        if self.transposed:  # [n, H, 2I]
+            return torch.matmul(x, stored).transpose(0, 1)
+        n, two_i, hidden = stored.shape
+        return (x @ stored.reshape(n * two_i, hidden).T).view(-1, n, two_i)
+
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [n, I, H], up [n, I, H], down [n, H, I]) as views of the fused tensors."""
-        gate, up = self.block.experts.gate_up_proj.chunk(2, dim=1)
-        return gate, up, self.block.experts.down_proj
+        gate, up = self.gate_up.chunk(2, dim=1)
+        return gate, up, self.down
 
     def intermediate(self, x: torch.Tensor, j: int) -> torch.Tensor:
         """[T, I] float32 intermediate activations of expert j on hidden states ``x`` [T, H]."""
@@ -178,8 +203,11 @@ class MoELayerView:
         """Replace the experts by ``gate``/``up`` [r, I, H] and ``down`` [r, H, I]."""
         experts = self.block.experts
         like = experts.gate_up_proj
-        experts.gate_up_proj = nn.Parameter(torch.cat([gate, up], dim=1).to(like), requires_grad=False)
-        experts.down_proj = nn.Parameter(down.to(like), requires_grad=False)
+        gate_up = torch.cat([gate, up], dim=1)
+        if self.transposed:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        experts.gate_up_proj = nn.Parameter(gate_up.to(like).contiguous(), requires_grad=False)
+        experts.down_proj = nn.Parameter(down.to(like).contiguous(), requires_grad=False)
         experts.num_experts = gate.shape[0]
 
     def set_router(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -254,6 +282,7 @@ class MoEFamily:
 
     model_type: ``config.model_type`` of the family.
     expert_count_field: the config field holding the number of routed experts per layer.
+    top_k_field: the config field holding the number of experts each token is routed to.
     block: the decoder layer's attribute holding the MoE block (a layer without one, or whose block has no
         ``experts``, is dense).
     router: the block's attribute holding the router module.
@@ -277,6 +306,7 @@ class MoEFamily:
 
     model_type: str
     expert_count_field: str
+    top_k_field: str = "num_experts_per_tok"
     block: str = "mlp"
     router: str = "gate"
     router_weight: str = "weight"
@@ -301,7 +331,7 @@ class MoEFamily:
         n = config_count(config, self.expert_count_field, file)
         for name in ("num_hidden_layers", "hidden_size", "vocab_size", "max_position_embeddings"):
             config_count(config, name, file)
-        top_k = config_count(config, "num_experts_per_tok", file, (n, self.expert_count_field))
+        top_k = config_count(config, self.top_k_field, file, (n, self.expert_count_field))
         if isinstance(self.normalize, str):
             norm = getattr(config, self.normalize, None)
             if norm is not None and not isinstance(norm, bool):
@@ -320,7 +350,7 @@ class MoEFamily:
             if n % groups or n // groups < 2 or config.topk_group * (n // groups) < top_k:
                 raise MoemergeError(
                     f"{file}: n_group {groups} and topk_group {config.topk_group} do not fit "
-                    f"{self.expert_count_field} {n} and num_experts_per_tok {top_k} (n_group must split the "
+                    f"{self.expert_count_field} {n} and {self.top_k_field} {top_k} (n_group must split the "
                     "experts into equal blocks of at least 2, and topk_group blocks must hold top-k experts); "
                     "fix config.json"
                 )
@@ -331,7 +361,7 @@ class MoEFamily:
         scale = getattr(config, self.scale) if isinstance(self.scale, str) else self.scale
         grouped = self.routes_by_group(config)
         return RoutingRule(
-            top_k=config.num_experts_per_tok,
+            top_k=getattr(config, self.top_k_field),
             scoring=self.scoring,
             normalize=bool(normalize),
             scale=scale,
@@ -413,11 +443,12 @@ class MoEFamily:
         checkpoint still loads and runs as a standard model.
         """
         setattr(model.config, self.expert_count_field, r)
-        model.config.num_experts_per_tok = min(model.config.num_experts_per_tok, r)
+        top_k = min(getattr(model.config, self.top_k_field), r)
+        setattr(model.config, self.top_k_field, top_k)
         if hasattr(model, "num_experts"):
             model.num_experts = r
         if hasattr(model, "num_experts_per_tok"):
-            model.num_experts_per_tok = model.config.num_experts_per_tok
+            model.num_experts_per_tok = top_k
 
 
 def config_count(config, name: str, file, most: tuple[int, str] | None = None) -> int:

@@ -92,6 +92,7 @@ ENTRIES = (
         normalize=False,
         checkpoints="Jamba-v0.1, Jamba-1.5-Mini, Jamba-1.5-Large",
     ),
+    MoEFamily("aria_text", "moe_num_experts", top_k_field="moe_topk", router="router", normalize=True),
     MoEFamily("hunyuan_v1_moe", "num_experts", router_weight="wg.weight", normalize=True, checkpoints="Hunyuan-A13B"),
     MoEFamily(
         "ernie4_5_moe",

@@ -160,7 +160,7 @@ class CompactExperts:
             if view.layer not in self.counts:
                 raise self._damaged(f"moemerge.json names no groups for MoE layer {view.layer}")
             view.keep_first(self.counts[view.layer])
-            n, two_i, hidden = view.block.experts.gate_up_proj.shape
+            n, two_i, hidden = view.gate_up.shape
             try:
                 rank, nnz = factor_shapes(self.file, view.layer)
             except ValueError as err:

@@ -148,7 +148,7 @@ def _routed_mean_output(acc: LayerAccumulator, act_sum: torch.Tensor, stats: dic
 
 def _through_down(acc: LayerAccumulator, act_mean: torch.Tensor) -> torch.Tensor:
     """[n, H] float32 W_down_j @ act_mean_j for act_mean [n, I], in float64, a few experts at a time."""
-    down = acc.view.block.experts.down_proj
+    down = acc.view.down
     act_mean = act_mean.to(down.device)
     step = max(1, CHUNK_BYTES // (down[0].numel() * 8))  # experts per float64 copy of down_proj
     means = [
@@ -185,7 +185,7 @@ def _routed_output_norms(chunk: Chunk):
     """For each expert j some of the chunk's tokens were routed to: (j, their renormalised gates g_j [m] float32,
     ||E_j(x)||_2 [m] float32). Only routed tokens go through down_proj."""
     sequence, act = chunk.sequence, chunk.act
-    down = sequence.accumulator.view.block.experts.down_proj
+    down = sequence.accumulator.view.down
     end = chunk.start + len(act)
     ids, gates = sequence.indices[chunk.start : end], sequence.gates[chunk.start : end]
     for j in ids.unique().tolist():
@@ -359,22 +359,21 @@ class LayerAccumulator:
         """Each statistic's part of hidden states ``x`` [t, H] at the block's input.
 
         Every expert runs on every token as one matrix multiply of a token chunk with the fused
-        ``gate_up_proj`` [n, 2I, H] seen as [n * 2I, H], in the weights' dtype; the per-chunk parts (such as the
+        ``gate_up_proj`` (:meth:`MoELayerView.pre_activations`), in the weights' dtype; the per-chunk parts (such as the
         intermediate activations [chunk, n, I] summed in float64) add up over the chunks.
         """
-        view, experts = self.view, self.view.block.experts
+        view = self.view
         logits, weights, indices = view.route_tokens(x)
         weights = weights.float()
         sequence = Sequence(self, x, logits, indices, weights, weights / weights.sum(-1, keepdim=True))
         parts = {name: s.per_sequence(sequence) for name, s in self.statistics.items() if s.per_sequence}
         chunked = {name: s.per_chunk for name, s in self.statistics.items() if s.per_chunk}
         if chunked:
-            n, two_i, hidden = experts.gate_up_proj.shape
+            n, two_i, _ = view.gate_up.shape
             intermediate = two_i // 2
-            fused = experts.gate_up_proj.reshape(n * two_i, hidden)
             chunk = max(1, CHUNK_BYTES // (n * two_i * 4))
             for start in range(0, len(x), chunk):
-                h = (x[start : start + chunk].to(fused.dtype) @ fused.T).view(-1, n, two_i)
+                h = view.pre_activations(x[start : start + chunk])
                 act = view.act_fn(h[..., :intermediate]).float() * h[..., intermediate:].float()
                 for name, per_chunk in chunked.items():
                     part = per_chunk(Chunk(sequence, start, act))
@@ -427,7 +426,7 @@ def gram_of_weights(view: MoELayerView, columns: int = 1 << 20) -> torch.Tensor:
 
 def expert_outputs(view: MoELayerView, x: torch.Tensor) -> torch.Tensor:
     """[t, n, H] float32 E_j(x) of every expert of ``view`` on hidden states ``x`` [t, H]."""
-    down = view.block.experts.down_proj
+    down = view.down
     outputs = [(view.intermediate(x, j).to(down.dtype) @ down[j].T).float() for j in range(view.num_experts)]
     return torch.stack(outputs, dim=1)
 
