@@ -241,3 +241,40 @@ def test_m_smoe_groups_by_router_logit_cosine_around_the_most_used(family):
             inside = single_shot_oracle(features[block], s.counts[block].numpy(), share, "cosine")
             expected |= {frozenset(block[i] for i in g) for g in inside}
         assert {frozenset(g) for g in plan[view.layer]} == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sub_moe_is_cosine_kmeans_then_the_joint_svd_merge(family):
+    """sub-moe's groups are scikit-learn's k-means++ (seeded, one run) on the unit-normalised mean outputs of each
+    routing block; each merged expert equals Sub-MoE's joint-SVD merge computed here with numpy: the members'
+    matrices side by side, [W_1 ... W_m] = U S [V_1 ... V_m]^T, merged as U S (sum_i f_i V_i)^T, f_i the members'
+    shares of the group's routed tokens."""
+    from sklearn.cluster import KMeans
+
+    import moemerge
+
+    model, adapter, stats = statistics(family)
+    original = {
+        v.layer: [w.detach().clone().double().numpy() for w in v.expert_weights()] for v in adapter.moe_layers(model)
+    }
+    plan = moemerge.plan_groups(stats, adapter, model.config, 4, method="sub-moe")
+    blocks = [list(range(4)), list(range(4, 8))] if family == "deepseek_v3" else [list(range(8))]
+    for layer, groups in plan.items():
+        expected = set()
+        for block in blocks:
+            x = stats[layer].mean_output.double().numpy()[block]
+            x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            fit = KMeans(4 // len(blocks), init="k-means++", n_init=1, random_state=ReduceOptions().seed).fit(x)
+            expected |= {frozenset(block[i] for i in np.flatnonzero(fit.labels_ == c)) for c in set(fit.labels_)}
+        assert {frozenset(g) for g in groups} == expected
+    moemerge.apply_groups(model, adapter, stats, plan, merge=ReduceOptions(method="sub-moe").effective().merge)
+    for view in adapter.moe_layers(model):
+        merged = [w.detach().double().numpy() for w in view.expert_weights()]
+        counts = stats[view.layer].counts.double().numpy()
+        for g, members in enumerate(plan[view.layer]):
+            shares = counts[members] / counts[members].sum()
+            for w, (m, before) in enumerate(zip(merged, original[view.layer], strict=True)):
+                u, s, vt = np.linalg.svd(np.concatenate([before[i] for i in members], axis=1), full_matrices=False)
+                blocks_v = np.split(vt, len(members), axis=1)
+                joint = u @ np.diag(s) @ sum(f * v for f, v in zip(shares, blocks_v, strict=True))
+                np.testing.assert_allclose(m[g], joint, rtol=1e-4, atol=1e-6, err_msg=f"layer {view.layer} {w}")

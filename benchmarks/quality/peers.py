@@ -1,4 +1,4 @@
-"""HC-SMoE against the retraining-free peers (REAP, MAN, MSAN, REAM, MoNE), each with and without ``--refit down``.
+"""HC-SMoE against the retraining-free peers (REAP, MAN, MSAN, REAM, Sub-MoE, MoNE), each with and without ``--refit down``.
 
 Usage: ``python benchmarks/quality/peers.py [--models NAME ...] [--methods NAME ...] [--out DIR]`` (default: every
 benchmark model and method, ``benchmarks/results/quality``; writes ``peers.md`` and ``peers.csv`` after each model,
@@ -25,8 +25,14 @@ from moemerge.checkpoint import inspect_source, load_source
 from moemerge.compare import write_csv
 from moemerge.streaming import reduce_streaming
 
-METHODS = ("hc-smoe", "reap", "man", "msan", "ream", "mone")
-GROUPED = ("hc-smoe", "ream", "reap", "mone")  # the grouped-routing columns (reap's: with novices; mone: only so)
+METHODS = ("hc-smoe", "reap", "man", "msan", "ream", "sub-moe", "mone")
+GROUPED = (
+    "hc-smoe",
+    "ream",
+    "sub-moe",
+    "reap",
+    "mone",
+)  # the grouped-routing columns (reap's: with novices; mone: only so)
 STREAMED = {  # label: reduce options of the variants that compare cannot run from shared statistics
     "hc-smoe (sequential)": {"method": "hc-smoe", "sequential": True},
     "ream (sequential)": {"method": "ream", "sequential": True},

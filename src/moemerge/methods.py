@@ -115,6 +115,29 @@ def hc_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceO
     return labels_to_groups(assignment, ids=experts)
 
 
+# Sub-MoE's clustering, and the merge its joint SVD reduces to when no rank is cut (see sub_moe)
+SUB_MOE_GROUPING = {
+    "metric": "expert-output",
+    "distance": "cosine",
+    "cluster": "kmeans",
+    "kmeans_init": "k-means++",
+    "merge": "frequency",
+}
+
+
+@method("sub-moe", preset=SUB_MOE_GROUPING, clusters=True)
+def sub_moe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
+    """Sub-MoE (Li et al. 2025, "Efficient Mixture-of-Expert LLMs Compression via Subspace Expert Merging") for
+    the expert count alone: k-means (k-means++, seeded) on the cosine of the experts' mean outputs, then each
+    group's weights merged by its joint SVD: W_i = U S V_i^T for the members' matrices side by side
+    ([W_1 ... W_m] = U S [V_1 ... V_m]^T), merged as U S (sum_i f_i V_i)^T with f_i the members' shares of the
+    group's routed tokens. Without a rank cut that is sum_i f_i W_i exactly: the frequency-weighted average,
+    which is what runs (``tests/test_methods.py`` checks the identity against numpy's SVD). The paper's second
+    stage, cutting U's rank, is low-rank compression of the merged experts, as ``mc-smoe``'s, and is not part
+    of this method."""
+    return hc_smoe(stats, experts, r, options)
+
+
 @method("m-smoe", preset=M_SMOE_GROUPING, clusters=True)
 def m_smoe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceOptions) -> list[list[int]]:
     """M-SMoE (Li et al. 2024) without its fine-tuning: the r most frequently selected experts are dominant, and
