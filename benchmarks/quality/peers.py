@@ -20,6 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
+from matplotlib.figure import Figure
+
 from moemerge import load_model
 from moemerge.checkpoint import inspect_source, load_source
 from moemerge.compare import write_csv
@@ -80,45 +83,108 @@ def streamed_rows(name: str, variants: dict, work: Path, log) -> list[dict]:
     return rows
 
 
+def columns() -> list[str]:
+    """The table's method columns: each method and streamed variant with router reduce (MoNE only grouped), then
+    the grouped-routing ones."""
+    return [*(n for n in [*METHODS, *STREAMED] if n != "mone"), *(f"{m} grouped" for m in GROUPED)]
+
+
+def cell(rows: list[dict], model: str, fraction: float) -> dict[str, list[dict | None]]:
+    """Per column, its rows (without, with ``--refit down``) for ``model`` at ``fraction`` removed (None: not
+    measured)."""
+    found = {}
+    for column in columns():
+        router = "grouped" if column.endswith(" grouped") else "reduce"
+        method = column.removesuffix(" grouped")
+        found[column] = [
+            quality.lookup(rows, model, m, fraction, router=router) for m in (method, f"{method}:refit=down")
+        ]
+    return found
+
+
+def best(pair: list[dict | None]) -> dict | None:
+    """The row of lower mean perplexity of a (without, with refit) pair."""
+    measured = [r for r in pair if r]
+    return min(measured, key=lambda r: r["ppl_mean"]) if measured else None
+
+
 def markdown(rows: list[dict], models: list[str]) -> str:
-    names = [*METHODS, *STREAMED]
+    names = columns()
     lines = [
         "# HC-SMoE against the retraining-free peers",
         "",
         "`python benchmarks/quality/peers.py`. The quality benchmark's settings; mean test perplexity (geometric "
         "mean of the five domains); router `reduce` unless marked grouped; each cell without / with `--refit down`. "
         "`NAME` runs on the original model's statistics, `NAME (sequential)` layer-sequentially; budget search: "
-        "`--budget search`; n/a: not measured.",
+        "`--budget search`; n/a: not measured. Plot: `peers.png` (each column's better of without / with the "
+        "refit). Time and peak memory of each method's whole `reduce`: `cost.md`.",
         "",
-        "| model | removed | original | "
-        + " | ".join([*(n for n in names if n != "mone"), *(f"{m} grouped" for m in GROUPED)])
-        + " |",
-        "|---|---|---|" + "---|" * (len(names) - 1 + len(GROUPED)),
+        "| model | removed | original | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
     ]
+    wins = dict.fromkeys(names, 0)
     ours_best = cells = 0
     for model in models:
         original = quality.lookup(rows, model, "original", 0.0, calibration="", router="")["ppl_mean"]
         for fraction in quality.REMOVED:
-            cell = {}
-            for method in (n for n in names if n != "mone"):
-                cell[method] = [quality.lookup(rows, model, m, fraction) for m in (method, f"{method}:refit=down")]
-            for method in GROUPED:
-                cell[f"{method} grouped"] = [
-                    quality.lookup(rows, model, m, fraction, router="grouped") for m in (method, f"{method}:refit=down")
-                ]
-            text = [" / ".join("n/a" if r is None else f"{r['ppl_mean']:.1f}" for r in pair) for pair in cell.values()]
+            found = cell(rows, model, fraction)
+            text = [" / ".join("n/a" if r is None else f"{r['ppl_mean']:.1f}" for r in pair) for pair in found.values()]
             lines.append(f"| {model} | {fraction:.0%} | {original:.1f} | " + " | ".join(text) + " |")
-            best = {m: min(r["ppl_mean"] for r in pair if r) for m, pair in cell.items() if any(pair)}
-            ours = min(v for m, v in best.items() if m.startswith("hc-smoe"))
-            peers = min(v for m, v in best.items() if not m.startswith("hc-smoe"))
+            means = {m: best(pair)["ppl_mean"] for m, pair in found.items() if best(pair)}
+            wins[min(means, key=means.get)] += 1
+            ours = min(v for m, v in means.items() if m.startswith("hc-smoe"))
+            peers = min(v for m, v in means.items() if not m.startswith("hc-smoe"))
             cells += 1
             ours_best += ours < peers
     lines += [
         "",
         f"HC-SMoE (best of its variants, with or without the refit) beats the best peer in {ours_best} of "
-        f"{cells} cells.",
+        f"{cells} cells. Cells won (lowest mean perplexity of all columns, each with or without the refit): "
+        + ", ".join(f"{m} {k}" for m, k in sorted(wins.items(), key=lambda x: -x[1]) if k)
+        + ".",
+        "",
     ]
-    return "\n".join(lines) + "\n"
+    middle = quality.REMOVED[len(quality.REMOVED) // 2]
+    for model in models:
+        lines += [
+            f"## {model}: per-domain test perplexity at {middle:.0%} removed (each column's better of without / with "
+            "the refit)",
+            "",
+            "| method | " + " | ".join(quality.DOMAINS) + " | plan + merge s |",
+            "|---|" + "---|" * (len(quality.DOMAINS) + 1),
+        ]
+        for column, pair in cell(rows, model, middle).items():
+            row = best(pair)
+            if row:
+                domains = " | ".join(f"{row[f'ppl_{d}']:.1f}" for d in quality.DOMAINS)
+                lines.append(f"| {column}{' (refit)' if row is pair[1] else ''} | {domains} | {row['seconds']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], models: list[str], path: Path) -> None:
+    """Mean test perplexity against the fraction removed, per model, for each column's better of without / with
+    the refit."""
+    fig = Figure(figsize=(5 * len(models), 4.6), dpi=110)
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    colours = matplotlib.colormaps["tab20"].colors
+    for ax, model in zip(axes, models, strict=True):
+        original = quality.lookup(rows, model, "original", 0.0, calibration="", router="")["ppl_mean"]
+        found = {f: cell(rows, model, f) for f in quality.REMOVED}
+        for number, column in enumerate(columns()):
+            points = [(f, best(found[f][column])["ppl_mean"]) for f in quality.REMOVED if best(found[f][column])]
+            if points:
+                style = {"color": colours[number % 20], "marker": "osD^v"[number % 5]}
+                ax.plot(*zip(*points, strict=True), label=column, linestyle="-" if number < 9 else "--", **style)
+        ax.axhline(original, color="black", linestyle="--", linewidth=1, label="original")
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.set_xlabel("fraction of experts removed")
+        ax.set_ylabel("mean test perplexity (5 domains)")
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
 
 
 def main() -> None:
@@ -146,6 +212,7 @@ def main() -> None:
             write_csv(rows, args.out / "peers.csv")
             done = sorted({r["model"] for r in rows})
             (args.out / "peers.md").write_text(markdown(rows, done), encoding="utf-8")
+            plot(rows, done, args.out / "peers.png")
             log(f"wrote {args.out}/peers.md")
 
 
