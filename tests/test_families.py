@@ -2,9 +2,10 @@
 
 The oracles are the models' own forwards: the canonical view (router rows, selection bias, routing rule, experts
 as gate / up / down) reproduces each MoE block's routed output, a reduction to all n experts leaves every logit as
-it was, a reduction loads with transformers alone, and merging experts that are exact copies under grouped routing changes no logit. Every method runs
-on one family of each layout (``LAYOUTS``); the richer method tests run on the five families of
-``conftest.FAMILIES``; these prove that each entry describes its family.
+it was, a reduction loads with transformers alone, merging experts that are exact copies under grouped routing
+changes no logit, statistics equal a loop through the block's own experts module, and the streamed reduce equals
+the in-memory one. Every method runs on one family of each layout (``LAYOUTS``); the richer method tests run on
+the five families of ``conftest.FAMILIES``; these prove that each entry describes its family.
 """
 
 from __future__ import annotations

@@ -132,9 +132,9 @@ def sub_moe(stats: LayerStatistics, experts: list[int], r: int, options: ReduceO
     group's weights merged by its joint SVD: W_i = U S V_i^T for the members' matrices side by side
     ([W_1 ... W_m] = U S [V_1 ... V_m]^T), merged as U S (sum_i f_i V_i)^T with f_i the members' shares of the
     group's routed tokens. Without a rank cut that is sum_i f_i W_i exactly: the frequency-weighted average,
-    which is what runs (``tests/test_methods.py`` checks the identity against numpy's SVD). The paper's second
-    stage, cutting U's rank, is low-rank compression of the merged experts, as ``mc-smoe``'s, and is not part
-    of this method."""
+    which is what runs (``tests/test_grouping_options.py`` checks the identity against numpy's SVD). The paper's
+    second stage, cutting U's rank, is low-rank compression of the merged experts, as ``mc-smoe``'s, and is not
+    part of this method."""
     return hc_smoe(stats, experts, r, options)
 
 
