@@ -167,7 +167,7 @@ def assert_view_reproduces_the_blocks(model_type: str, model) -> None:
         expected = torch.zeros_like(x)
         for slot in range(ids.shape[1]):
             j = ids[:, slot]
-            h = view.act_fn(torch.einsum("th,tih->ti", x, gate[j])) * torch.einsum("th,tih->ti", x, up[j])
+            h = view.gating(torch.einsum("th,tih->ti", x, gate[j]), torch.einsum("th,tih->ti", x, up[j]))
             expected += weights[:, slot, None] * torch.einsum("ti,thi->th", h, down[j])
         torch.testing.assert_close((full - shared).reshape(x.shape), expected, rtol=1e-4, atol=1e-5)
         assert len({tuple(sorted(row)) for row in ids.tolist()}) > 3

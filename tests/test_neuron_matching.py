@@ -182,6 +182,11 @@ def test_zipit_equals_a_brute_force_greedy(m, inter, t):
 # matching through match_groups
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The experts' activations of their gate and up pre-activations, as match_groups takes them."""
+    return torch.nn.functional.silu(gate) * up
+
+
 def test_match_groups_feeds_the_matcher_the_dominant_first_on_routed_tokens():
     """match_groups gives the matcher the active members' activations (largest weight first, ties the lower id) on the
     tokens routed to the group when at least MIN_TOKENS were (boundary included), else on all tokens; members of
@@ -206,7 +211,7 @@ def test_match_groups_feeds_the_matcher_the_dominant_first_on_routed_tokens():
         calls.append((acts, a))
         return torch.stack([torch.arange(inter).roll(k + 1) for k in range(len(acts))])
 
-    units = match_groups(recording_match, (gate, up, down), groups, alphas, torch.nn.SiLU(), x, routed)
+    units = match_groups(recording_match, (gate, up, down), groups, alphas, swiglu, x, routed)
     assert len(calls) == 2 and units[2] is None
     # group 0: active members by weight: expert 2 (0.5), then experts 0 and 5 (0.25, ties by id); expert 4 has weight 0
     tokens = routed[:, groups[0]].any(1)
@@ -242,7 +247,7 @@ def test_merging_an_expert_with_a_permuted_copy_returns_the_dominant(merge, domi
     alphas = member_weights(merge, stats, groups)
     x = torch.randn(64, hidden, generator=torch.Generator().manual_seed(6))
     routed = torch.ones(64, 3, dtype=torch.bool)
-    units = match_groups(resolve("merge", merge).match, stacked, groups, alphas, torch.nn.SiLU(), x, routed)
+    units = match_groups(resolve("merge", merge).match, stacked, groups, alphas, swiglu, x, routed)
     merged = merge_experts(stacked, groups, alphas, units)
     expected = tuple(w[dominant] for w in stacked)
     for got, want in zip(merged, expected, strict=True):

@@ -128,7 +128,7 @@ def test_every_expert_solves_its_ridge_problem_against_the_blocks_own_outputs(fa
             with torch.no_grad():
                 state.experts.down_proj[c] = 0
             residual = (target - block_output(state, x))[rows]  # [m, H]
-            h = after.act_fn(x[rows] @ gate[c].T) * (x[rows] @ up[c].T)
+            h = after.block.experts.act_fn(x[rows] @ gate[c].T) * (x[rows] @ up[c].T)
             z = weights[rows, c, None] * h.double()  # [m, I]
             assert torch.allclose(got, ridge_oracle(z, residual, start), rtol=1e-4, atol=1e-5), (family, c)
             with torch.no_grad():

@@ -22,6 +22,7 @@ APIS = [
     ("transformers.core_model_loading", "convert_and_load_state_dict_in_model"),
     ("transformers.core_model_loading", "revert_weight_conversion"),
     ("transformers.modeling_utils", "LoadStateDictConfig"),
+    ("transformers.integrations.moe", "_default_apply_gate"),
 ]
 
 
@@ -115,3 +116,17 @@ def test_to_disk_layout_equals_save_pretrained(tmp_path, family):
     assert set(converted) == set(written), "revert_weight_conversion: other tensor names than save_pretrained"
     for name, t in converted.items():
         assert torch.equal(t.contiguous(), written[name]), f"revert_weight_conversion: {name} differs"
+
+
+def test_own_gating_is_a_familys_own_apply_gate_and_none_for_the_default():
+    """``_apply_gate`` / ``_default_apply_gate``: Mixtral's experts gate as transformers' default (so moemerge
+    computes act_fn(gate) * up itself), Beam's have their own float32 gate, which ``own_gating`` returns; on random
+    pre-activations it equals SiLU(gate) * up computed here."""
+    from test_families import tiny_model
+
+    mixtral, beam = (tiny_model(t).model.layers[-1].mlp.experts for t in ("mixtral", "beam"))
+    assert internals.own_gating(mixtral) is None
+    own = internals.own_gating(beam)
+    gate_up = torch.randn(5, 2 * beam.intermediate_dim, generator=torch.Generator().manual_seed(0))
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(own(gate_up), torch.nn.functional.silu(gate) * up)

@@ -282,7 +282,7 @@ def merge_layer(
             routed = torch.ones(len(inputs), view.num_experts, dtype=torch.bool)
         else:
             routed = routed_tokens(view.routing, view.router_weight, bias, inputs)
-        units = match_groups(rule.match, weights, groups, alphas, view.act_fn, inputs, routed)
+        units = match_groups(rule.match, weights, groups, alphas, view.gating, inputs, routed)
     merged = merge_experts(weights, groups, alphas, units)
     weight, new_bias = build_router_rows(router_rows_rule, view.router_weight, bias, groups, stats)
     view.set_experts(*merged)

@@ -9,6 +9,9 @@ API moved. The rest of moemerge uses transformers' public API only.
 - ``PreTrainedModel._can_set_attn_implementation`` / ``_can_set_experts_implementation``: classmethods that read
   the source file of the class's ``__module__`` to decide whether fast kernels apply, so a subclass made here
   claims its base's module.
+- ``transformers.integrations.moe._default_apply_gate`` and the experts modules' ``_apply_gate``: how an experts
+  module turns its gate and up pre-activations into activations (the default act_fn(gate) * up, or a family's
+  own, such as a clamped SwiGLU).
 - ``transformers.conversion_mapping.get_model_conversion_mapping``,
   ``transformers.core_model_loading.convert_and_load_state_dict_in_model`` / ``revert_weight_conversion`` and
   ``transformers.modeling_utils.LoadStateDictConfig``: the on-disk <-> in-memory tensor conversions
@@ -24,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model, revert_weight_conversion
+from transformers.integrations.moe import _default_apply_gate
 from transformers.modeling_utils import LoadStateDictConfig
 
 
@@ -36,6 +40,14 @@ def subclass_with_init(base: type, init) -> type:
     """A subclass of the model class ``base`` with ``__init__`` replaced by ``init``, which keeps the base's name,
     module and so its kernel choices."""
     return type(base.__name__, (base,), {"__init__": init, "__module__": base.__module__})
+
+
+def own_gating(experts: nn.Module):
+    """The experts module's own ``_apply_gate`` (gate and up pre-activations side by side [.., 2I] -> activations
+    [.., I]) where its family defines one (GLM-5-Next's and Hunyuan-V4's clamped SwiGLU, Beam's float32 SiLU), or
+    None where it gates as transformers' default, act_fn(gate) * up."""
+    apply = getattr(type(experts), "_apply_gate", None)
+    return None if apply is None or apply is _default_apply_gate else experts._apply_gate
 
 
 def load_converted(

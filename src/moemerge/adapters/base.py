@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moemerge.errors import MoemergeError
+from moemerge.transformers_internals import own_gating
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,9 @@ class MoELayerView:
         return hasattr(self.block, "shared_expert") or hasattr(self.block, "shared_experts")
 
     @property
-    def act_fn(self) -> nn.Module:
-        return self.block.experts.act_fn
+    def gating(self):
+        """The experts' activation function of (gate [.., I], up [.., I]) pre-activations (:func:`gating`)."""
+        return gating(self.block.experts)
 
     @property
     def router(self) -> nn.Module:
@@ -197,7 +199,7 @@ class MoELayerView:
     def intermediate(self, x: torch.Tensor, j: int) -> torch.Tensor:
         """[T, I] float32 intermediate activations of expert j on hidden states ``x`` [T, H]."""
         gate, up, _ = self.expert_weights()
-        return intermediate_activations(gate[j], up[j], self.act_fn, x)
+        return intermediate_activations(gate[j], up[j], self.gating, x)
 
     def set_experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Replace the experts by ``gate``/``up`` [r, I, H] and ``down`` [r, H, I]."""
@@ -227,9 +229,20 @@ class MoELayerView:
         self.set_router(self.router_weight[:r], None if bias is None else bias[:r])
 
 
-def intermediate_activations(gate: torch.Tensor, up: torch.Tensor, act_fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """[T, I] float32 act(x gate^T) * (x up^T) of one expert (gate, up [I, H]) on hidden states ``x`` [T, H]."""
-    return act_fn(x @ gate.T).float() * (x @ up.T).float()
+def gating(experts: nn.Module):
+    """An experts module's activations [.., I] float32 of its gate and up pre-activations [.., I]: its family's own
+    gating where it has one (a clamped SwiGLU), else act_fn(gate) * up with the product in float32."""
+    own = own_gating(experts)
+    if own is None:
+        act_fn = experts.act_fn
+        return lambda gate, up: act_fn(gate).float() * up.float()
+    return lambda gate, up: own(torch.cat([gate, up], dim=-1)).float()
+
+
+def intermediate_activations(gate: torch.Tensor, up: torch.Tensor, gated, x: torch.Tensor) -> torch.Tensor:
+    """[T, I] float32 activations ``gated``(x gate^T, x up^T) (:func:`gating`) of one expert (gate, up [I, H]) on
+    hidden states ``x`` [T, H]."""
+    return gated(x @ gate.T, x @ up.T)
 
 
 def tensor_at(module: nn.Module, path: str) -> torch.Tensor | None:

@@ -143,6 +143,8 @@ REFUSED = {  # model types whose MoE layers do not fit the canonical view: why, 
     "deepseek_v4": "its first MoE layers route by token id (hash routing), not by a learned router",
     "glm_moe_dsa": "each decoder layer hands the next its attention indexer's choices, which moemerge's "
     "layer-at-a-time pipeline does not carry",
+    "hy_v4": "each decoder layer hands the next its attention indexer's choices, which moemerge's "
+    "layer-at-a-time pipeline does not carry",
     "diffusion_gemma": "it is a diffusion language model; moemerge calibrates and evaluates causal language models",
     "jetmoe": "its attention is itself a mixture of experts, and its experts carry output biases",
     "switch_transformers": "encoder-decoder models with expert capacity are not supported yet",

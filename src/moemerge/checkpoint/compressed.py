@@ -37,10 +37,10 @@ class CompressedExperts(nn.Module):
     gives it the factors. Computes in float32 whatever the stored dtype.
     """
 
-    def __init__(self, experts: int, hidden: int, intermediate: int, rank: int, nnz: int, act_fn: nn.Module):
+    def __init__(self, experts: int, hidden: int, intermediate: int, rank: int, nnz: int, gated):
         super().__init__()
         self.num_experts = experts
-        self.act_fn = act_fn
+        self.gated = gated  # the replaced experts module's activations (:func:`moemerge.adapters.base.gating`)
         self.shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
         self.rank, self.nnz = rank, nnz
         for m, (a, b) in self.shapes.items():
@@ -71,7 +71,7 @@ class CompressedExperts(nn.Module):
                 continue
             token, slot = torch.where(top_k_index == e)
             h = x[token]
-            inner = self.act_fn(self._times("gate", e, h)) * self._times("up", e, h)
+            inner = self.gated(self._times("gate", e, h), self._times("up", e, h))
             out.index_add_(0, token, self._times("down", e, inner) * top_k_weights[token, slot, None].float())
         return out.to(hidden_states.dtype)
 
@@ -165,7 +165,7 @@ class CompactExperts:
                 rank, nnz = factor_shapes(self.file, view.layer)
             except ValueError as err:
                 raise self._damaged(str(err)) from None
-            view.block.experts = CompressedExperts(n, hidden, two_i // 2, rank, nnz, view.act_fn)
+            view.block.experts = CompressedExperts(n, hidden, two_i // 2, rank, nnz, view.gating)
             self.modules[view.layer] = view.block.experts
 
     def fill(self, layer: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -10,7 +10,6 @@ averages gate and up rows and sums down columns, weighted by the members' freque
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from moemerge.adapters.base import intermediate_activations
 from moemerge.merging.weighted_average import MergeRule, frequency_weights
@@ -91,7 +90,7 @@ def match_groups(
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     groups: list[list[int]],
     alphas: list[torch.Tensor],
-    act_fn: nn.Module,
+    gated,
     inputs: torch.Tensor,
     routed: torch.Tensor,
 ) -> list[torch.Tensor | None]:
@@ -111,7 +110,7 @@ def match_groups(
         active.sort(key=lambda m: (-float(a[m]), group[m]))
         tokens = routed[:, group].any(dim=1)
         x = (inputs[tokens] if int(tokens.sum()) >= MIN_TOKENS else inputs).to(gate.device, torch.float32)
-        acts = [intermediate_activations(gate[group[m]].float(), up[group[m]].float(), act_fn, x) for m in active]
+        acts = [intermediate_activations(gate[group[m]].float(), up[group[m]].float(), gated, x) for m in active]
         found = match(acts, a[active])
         unit = torch.arange(gate.shape[1]).repeat(len(group), 1)
         unit[active] = found

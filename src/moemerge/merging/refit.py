@@ -68,21 +68,21 @@ def refit_down(
     x = inputs.to(gate.dtype)
     n, r = len(original[0]), view.num_experts
     weight, bias, novices = KeptRouter(*original_router)
-    target = weighted_outputs(view.act_fn, original, routing_weights(view.routing, (weight, bias), x, n), x)
+    target = weighted_outputs(view.gating, original, routing_weights(view.routing, (weight, bias), x, n), x)
     if grouped:
         slots = r + (0 if novices is None else len(novices))
         mapping = expert_map(groups, n, novices is not None)
         weights = routing_weights(view.routing, (weight, bias), x, slots, mapping)
     else:
         weights = routing_weights(view.routing, (view.router_weight, view.selection_bias), x, r)
-    current = weighted_outputs(view.act_fn, (gate, up, down), weights[:, :r], x)  # kept up to date below
+    current = weighted_outputs(view.gating, (gate, up, down), weights[:, :r], x)  # kept up to date below
     if weights.shape[1] > r:  # the novices' share, which no refit changes
         current += weights[:, r:].double() @ novices.double()
 
     def features(c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens routed to reduced expert c [m] and their routing-weighted activations [m, I] float64."""
         rows = weights[:, c].nonzero().squeeze(1)
-        h = intermediate_activations(gate[c], up[c], view.act_fn, x[rows]).double()
+        h = intermediate_activations(gate[c], up[c], view.gating, x[rows]).double()
         return rows, weights[rows, c, None].double() * h
 
     refit = down.double().clone()
@@ -142,7 +142,7 @@ def basis(z: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def weighted_outputs(
-    act_fn: torch.nn.Module,
+    gated,
     experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     weights: torch.Tensor,
     x: torch.Tensor,
@@ -155,7 +155,7 @@ def weighted_outputs(
     for j in range(len(gate)):
         rows = weights[:, j].nonzero().squeeze(1)
         if len(rows):
-            h = intermediate_activations(gate[j], up[j], act_fn, x[rows]).double()
+            h = intermediate_activations(gate[j], up[j], gated, x[rows]).double()
             out[rows] += weights[rows, j, None].double() * (h @ down[j].double().T)
     return out
 

@@ -374,7 +374,7 @@ class LayerAccumulator:
             chunk = max(1, CHUNK_BYTES // (n * two_i * 4))
             for start in range(0, len(x), chunk):
                 h = view.pre_activations(x[start : start + chunk])
-                act = view.act_fn(h[..., :intermediate]).float() * h[..., intermediate:].float()
+                act = view.gating(h[..., :intermediate], h[..., intermediate:])
                 for name, per_chunk in chunked.items():
                     part = per_chunk(Chunk(sequence, start, act))
                     parts[name] = part if name not in parts else parts[name].add_(part)
