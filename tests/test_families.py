@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moemerge import apply_groups, load_model, plan_groups
-from moemerge.adapters import FAMILIES, REFUSED
+from moemerge.adapters import FAMILIES, REFUSED, MoELayerView
 from moemerge.errors import MoemergeError
 from moemerge.statistics import collect_statistics
 from moemerge.streaming import reduce_streaming
@@ -75,11 +75,8 @@ SIZES = {  # applied where the family's config has the field
 }
 HYBRID = {t: ["linear_attention", "full_attention"] for t in ("minimax", "qwen3_next", "qwen3_5_moe_text", "lara_mini")}
 HYBRID |= {t: ["full_attention", "linear_attention"] for t in ("kimi_linear", "bailing_hybrid")}
-HYBRID["lfm2_moe"] = ["conv", "full_attention"]
-HYBRID["granitemoehybrid"] = [
-    "linear_attention",
-    "full_attention",
-]  # Mamba-2 mixers between attention layers  # short convolutions between attention layers
+HYBRID["lfm2_moe"] = ["conv", "full_attention"]  # short convolutions between attention layers
+HYBRID["granitemoehybrid"] = ["linear_attention", "full_attention"]  # Mamba-2 mixers between attention layers
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "32", "--quiet", "--no-report"]
 
 
@@ -269,6 +266,7 @@ LAYOUTS = {  # one type per way a family stores or calls its experts and router
     "ernie4_5_moe": "selection bias at gate.moe_statics, stored [1, n]",
     "hunyuan_v1_moe": "router rows at gate.wg.weight",
     "deepseek_v2": "group-limited routing scored by the group's best",
+    "beam": "experts with a gate function of their own (a float32 SiLU)",
 }
 METHODS = [
     {"method": "mc-smoe"},
@@ -284,7 +282,7 @@ METHODS = [
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("options", METHODS, ids=["-".join(map(str, o.values())) for o in METHODS])
 def test_every_method_runs_on_every_layout(layout, options, tmp_path):
-    """Each method (merging, alignment, pruning, novices, the refit, MC-SMoE compact and dense, REAM) reduces a
+    """Each method (merging, alignment, pruning, novices, the refit, MC-SMoE compact and dense) reduces a
     family of each layout, streamed exactly as in memory, to a checkpoint that loads (test_streaming's oracle)."""
     source = save_with_tokenizer(tiny_model(layout), tmp_path / "src")
     check_streaming_equals_in_memory(tmp_path, source, options | {"report": False})
@@ -346,3 +344,32 @@ def test_a_router_softcap_that_is_no_number_at_least_0_is_refused(cap):
     config.moe_router_logit_softcapping = cap
     with pytest.raises(MoemergeError, match=r"moe_router_logit_softcapping is .* a number >= 0"):
         FAMILIES["laguna"].check_config(config, "config.json")
+
+
+def test_input_embeddings_stored_under_their_in_memory_name_stream(tmp_path):
+    """A BailingHybrid checkpoint whose embeddings are stored as ``model.embed_tokens`` (which transformers loads as
+    well as its own ``model.word_embeddings``) streams to a checkpoint that transformers loads to the same tensors as
+    the reduction of the checkpoint transformers saved."""
+    from safetensors.torch import load_file, save_file
+
+    saved = save_with_tokenizer(tiny_model("bailing_hybrid"), tmp_path / "saved")
+    renamed = save_with_tokenizer(tiny_model("bailing_hybrid"), tmp_path / "renamed")
+    tensors = load_file(renamed / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = tensors.pop("model.word_embeddings.weight")
+    save_file(tensors, renamed / "model.safetensors", metadata={"format": "pt"})
+    for source in (saved, renamed):
+        reduce_streaming(source, tmp_path / f"out-{source.name}", experts=N // 2, calib_samples=2, calib_seq_len=24)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / f"out-{n}").state_dict() for n in ("saved", "renamed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_experts_with_interleaved_gate_up_rows_and_biases_are_refused():
+    """gpt-oss's experts interleave their gate and up rows and carry biases (transformers' own layout flags): a view
+    of them is a one-line error naming the experts class, never a silently wrong reading."""
+    config = CONFIG_MAPPING["gpt_oss"]()
+    config = type(config)(**{k: v for k, v in SIZES.items() if hasattr(config, k)}, num_local_experts=N)
+    torch.manual_seed(0)
+    block = AutoModelForCausalLM.from_config(config).model.layers[0].mlp
+    rule = FAMILIES["mixtral"].routing_rule(config)
+    with pytest.raises(MoemergeError, match=r"layer 0: GptOssExperts interleaves its gate and up rows"):
+        MoELayerView(0, block, rule, router_name="router")

@@ -29,13 +29,8 @@ from moemerge.compare import write_csv
 from moemerge.streaming import reduce_streaming
 
 METHODS = ("hc-smoe", "reap", "man", "msan", "ream", "sub-moe", "mone")
-GROUPED = (
-    "hc-smoe",
-    "ream",
-    "sub-moe",
-    "reap",
-    "mone",
-)  # the grouped-routing columns (reap's: with novices; mone: only so)
+# the grouped-routing columns (reap's: with novices; mone: only so)
+GROUPED = ("hc-smoe", "ream", "sub-moe", "reap", "mone")
 STREAMED = {  # label: reduce options of the variants that compare cannot run from shared statistics
     "hc-smoe (sequential)": {"method": "hc-smoe", "sequential": True},
     "ream (sequential)": {"method": "ream", "sequential": True},
@@ -150,7 +145,10 @@ def markdown(rows: list[dict], models: list[str]) -> str:
             f"## {model}: per-domain test perplexity at {middle:.0%} removed (each column's better of without / with "
             "the refit)",
             "",
-            "| method | " + " | ".join(quality.DOMAINS) + " | plan + merge s |",
+            "seconds: plan and merge from the shared statistics; for the sequential and budget-search columns, the "
+            "whole `reduce` (calibration and writing included).",
+            "",
+            "| method | " + " | ".join(quality.DOMAINS) + " | seconds |",
             "|---|" + "---|" * (len(quality.DOMAINS) + 1),
         ]
         for column, pair in cell(rows, model, middle).items():

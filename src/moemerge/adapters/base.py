@@ -113,6 +113,11 @@ class MoELayerView:
         self.block_bias = bias_path if bias_on_block else None
         self.router_takes_batch = router_takes_batch
         self.transposed = getattr(block.experts, "is_transposed", False)
+        if not getattr(block.experts, "is_concatenated", True) or getattr(block.experts, "has_bias", False):
+            raise MoemergeError(
+                f"layer {layer}: {type(block.experts).__name__} interleaves its gate and up rows or adds biases to "
+                "its experts, which moemerge cannot merge yet"
+            )
         if not hasattr(block.experts, "gate_up_proj"):  # compressed experts (mc-smoe's compact output): no weights
             return
         n, two_i, hidden = self.gate_up.shape

@@ -52,7 +52,8 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The ``*ForCausalLM`` model of ``config`` with every weight on the meta device (no memory), in eval mode.
 
     Buffers (the rotary embeddings' frequencies, selection biases) are real: they are computed from the
-    config, and the checkpoint's own values replace those it stores.
+    config, and the checkpoint's own values replace those it stores. None of the supported families' grows with
+    the context; MiniMax's linear-attention decay tables are the largest (about 0.6 GB for MiniMax-Text-01).
     """
     with init_empty_weights(include_buffers=False):
         model = transformers_call(
@@ -130,8 +131,9 @@ def load_outside(model: nn.Module, source: SourceTensors, dtype: torch.dtype, on
     if only_input:
         prefix = _module_name(model, model.get_input_embeddings()) + "."
         state = {prefix + name: t for name, t in model.get_input_embeddings().state_dict().items()}
-        stored = list(to_disk_layout(model, state))  # on-disk names (BailingHybrid's ``model.word_embeddings``)
-        load_into(model, source.read(stored), dtype, lambda name: name.startswith(prefix))
+        saved_as = [name for name in to_disk_layout(model, state) if name in source.file_of]  # BailingHybrid's
+        names = saved_as or source.names(prefix)  # ``model.word_embeddings``, or the in-memory name
+        load_into(model, source.read(names), dtype, lambda name: name.startswith(prefix))
     else:
         names = [name for name in source.file_of if not name.startswith(LAYERS)]
         load_into(model, source.read(names), dtype, lambda name: not name.startswith(LAYERS))
