@@ -10,6 +10,8 @@ the five families of ``conftest.FAMILIES``; these prove that each entry describe
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 import torch
 from conftest import TOKENIZER_DIR, run_cli, save_with_tokenizer
@@ -20,6 +22,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from moemerge import apply_groups, load_model, plan_groups
 from moemerge.adapters import FAMILIES, REFUSED, MoELayerView
 from moemerge.errors import MoemergeError
+from moemerge.routing.grouped import grouped_routing
 from moemerge.statistics import collect_statistics
 from moemerge.streaming import reduce_streaming
 
@@ -231,6 +234,21 @@ def test_reduce_to_every_expert_leaves_the_logits(model_type):
     assert all(g == [[j] for j in range(N)] for g in groups.values())
     apply_groups(model, family, stats, groups, router_rows_rule="frequency")
     assert torch.equal(logits(model), before)
+
+
+def test_grouped_routing_over_every_expert_leaves_the_logits(model_type):
+    """n groups of one expert each with ``--router grouped`` (the original router kept, its ids mapped through
+    the groups, as a loaded grouped output routes) keeps every logit."""
+    model = tiny_model(model_type)
+    family = FAMILIES[model_type]
+    before = logits(model)
+    stats = collect_statistics(model, family.moe_layers(model), calibration(), progress=False)
+    groups = plan_groups(stats, family, model.config, N)
+    kept = apply_groups(model, family, stats, groups, router="grouped")
+    with ExitStack() as routed:
+        for view in family.moe_layers(model):
+            routed.enter_context(grouped_routing(view, kept[view.layer], groups[view.layer], view.routing.top_k))
+        assert torch.equal(logits(model), before)
 
 
 def test_a_reduced_model_in_memory_runs_as_its_saved_checkpoint(model_type, tmp_path):
