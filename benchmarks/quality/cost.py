@@ -40,7 +40,7 @@ VARIANTS = {  # label: reduce options
     "mc-smoe": ["--method", "mc-smoe"],
     "reap": ["--method", "reap"],
     "man": ["--method", "man"],
-    "o-prune": ["--method", "o-prune"],
+    "o-prune --oprune-budget 2000": ["--method", "o-prune", "--oprune-budget", "2000"],  # the quality benchmark's
     "mone --router grouped": ["--method", "mone", "--router", "grouped"],
     "ream": ["--method", "ream"],
 }
@@ -77,6 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     models = args.models or sorted(p.parent.name for p in MODELS.glob("*/card.json"))
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         for name in models:
             n = expert_count(MODELS / name)
@@ -86,8 +87,12 @@ def main() -> None:
                 seconds, mib = run([*reduce, *options, "--quiet", "--no-report"])
                 rows.append({"model": name, "variant": label, "experts": n // 2, "seconds": seconds, "peak_mib": mib})
                 print(f"{name} {label}: {seconds:.1f} s, {mib:.0f} MiB", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "cost.csv", "w", newline="", encoding="utf-8") as f:
+                write(rows, args.out)  # after each run, so that an interrupted benchmark keeps what it measured
+
+
+def write(rows: list[dict], out: Path) -> None:
+    """``cost.csv`` and ``cost.md`` of the rows measured so far."""
+    with open(out / "cost.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -105,7 +110,7 @@ def main() -> None:
     lines += [
         f"| {r['model']} | {r['variant']} | {r['experts']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |" for r in rows
     ]
-    (args.out / "cost.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "cost.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
